@@ -1,0 +1,89 @@
+"""Cost accounting: one meter, received by every component, read once at the end.
+
+A *model call* follows the paper: one autoregressive step, or one parallel forward or backward pass over a
+sequence. FLOPs follow the usual estimate: ``2 * P * tokens`` for a forward pass and twice that for a backward
+pass, where ``P`` counts the parameters that do matrix work (the input embedding table is a lookup and is left
+out, except for soft inputs, where it is a real ``V x d`` matrix product).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torchmetrics import Metric
+
+#: Kinds that are model calls; ``model_calls`` is their sum.
+CALL_KINDS: tuple[str, ...] = (
+    "lm_forward",
+    "lm_backward",
+    "rm_forward",
+    "rm_backward",
+    "generated_tokens",
+    "prefill",
+    "selector",
+)
+#: Counters of the decoding loop that are not model calls.
+EVENT_KINDS: tuple[str, ...] = (
+    "rollouts",
+    "proposals",
+    "rejections",
+    "acceptances",
+    "dto_runs",
+    "grad_steps",
+    "cached_steps",
+    "selector_passes",
+    "wall_time_s",
+    "flops",
+)
+
+
+class CostMeter(Metric):
+    """Sums of model calls, FLOPs and loop events, as a torchmetrics ``Metric`` so that it syncs across ranks."""
+
+    full_state_update = False
+    is_differentiable = False
+    higher_is_better = False
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        for kind in CALL_KINDS + EVENT_KINDS:
+            self.add_state(kind, default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, kind: str, count: float = 1.0, flops: float = 0.0) -> None:  # type: ignore[override]
+        if kind not in CALL_KINDS + EVENT_KINDS:
+            raise KeyError(f"unknown cost kind {kind!r}; known: {', '.join(CALL_KINDS + EVENT_KINDS)}")
+        state: Tensor = getattr(self, kind)
+        state += count
+        if flops:
+            self.flops += flops
+
+    def compute(self) -> dict[str, float]:
+        return self.snapshot()
+
+    def snapshot(self) -> dict[str, float]:
+        """The current sums, with ``model_calls`` and ``rejection_rate`` derived (safe to call mid-run)."""
+        values = {kind: float(getattr(self, kind)) for kind in CALL_KINDS + EVENT_KINDS}
+        values["model_calls"] = sum(values[kind] for kind in CALL_KINDS)
+        proposals = values["proposals"]
+        values["rejection_rate"] = values["rejections"] / proposals if proposals else 0.0
+        return values
+
+
+def matmul_parameters(model: torch.nn.Module) -> int:
+    """Parameters that take part in matrix products for one hard token: all but the input embedding table,
+    plus the output head once even when it is tied to the input embedding."""
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    embedding_ids = {id(p) for p in embedding.parameters()} if embedding is not None else set()
+    total = sum(p.numel() for p in model.parameters() if id(p) not in embedding_ids)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None and id(head.weight) in embedding_ids:
+        total += head.weight.numel()
+    return total
+
+
+def forward_flops(params: int, tokens: int) -> float:
+    return 2.0 * params * tokens
+
+
+def backward_flops(params: int, tokens: int) -> float:
+    return 4.0 * params * tokens

@@ -1,0 +1,86 @@
+"""Key/value caches of fixed prefixes, and soft (probability-weighted) token embeddings.
+
+A DTO run evaluates the same prompt and committed tokens at every step. Their key/value states are computed
+once (without gradient) and every step extends a *view* of them: a fresh ``DynamicCache`` whose layers point at
+slices of the stored tensors. transformers' ``DynamicLayer.update`` grows a layer by ``torch.cat``, which writes
+new tensors, so a view is never modified and the stored prefix stays out of every autograd graph.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import Tensor
+from transformers import DynamicCache
+from transformers.cache_utils import Cache, DynamicLayer
+
+from nabla.errors import ConfigurationError
+
+
+def cache_length(cache: Cache | None) -> int:
+    return 0 if cache is None else int(cache.get_seq_length())
+
+
+def prefix_view(cache: Cache, length: int) -> DynamicCache:
+    """A new cache holding the first ``length`` positions of ``cache`` without copying them.
+
+    Only full-attention layers can be cut at an arbitrary position; a sliding-window layer can while the window
+    still holds every position. Anything else is refused with a clear error rather than silently mis-attended.
+    """
+    if length > cache_length(cache):
+        raise ValueError(f"cannot view {length} positions of a cache that holds {cache_length(cache)}")
+    layers = []
+    for layer in cache.layers:
+        if type(layer) is not DynamicLayer and not _sliding_layer_holds_all(layer):
+            raise ConfigurationError(
+                f"prefix caching does not support cache layer {type(layer).__name__}; "
+                "set acceleration.prefix_cache=false for this model"
+            )
+        view = copy.copy(layer)
+        if layer.is_initialized:
+            view.keys = layer.keys[..., :length, :].detach()
+            view.values = layer.values[..., :length, :].detach()
+            if hasattr(view, "cumulative_length"):
+                view.cumulative_length = length
+        layers.append(view)
+    return _cache_from_layers(layers)
+
+
+def _sliding_layer_holds_all(layer: object) -> bool:
+    window = getattr(layer, "sliding_window", None)
+    cumulative = getattr(layer, "cumulative_length", None)
+    return window is not None and cumulative is not None and cumulative < window - 1
+
+
+def _cache_from_layers(layers: list) -> DynamicCache:
+    cache = DynamicCache()
+    cache.layers = layers
+    return cache
+
+
+def select_batch_row(cache: Cache, row: int, length: int | None = None) -> DynamicCache:
+    """The cache of one sequence of a batched cache (optionally cut to ``length`` positions), sharing storage."""
+    layers = []
+    for layer in cache.layers:
+        view = copy.copy(layer)
+        if layer.is_initialized:
+            stop = layer.keys.shape[-2] if length is None else length
+            view.keys = layer.keys[row : row + 1, :, :stop, :]
+            view.values = layer.values[row : row + 1, :, :stop, :]
+        layers.append(view)
+    return _cache_from_layers(layers)
+
+
+def soft_embed(embedding: torch.nn.Module, weights: Tensor) -> Tensor:
+    """Embed rows of token weights (``(..., V)``, one-hot or soft) as ``weights @ E``.
+
+    Applies the embedding module's own scale when it has one (Gemma multiplies looked-up rows by ``sqrt(d)``),
+    so that a hard one-hot gives exactly what the module returns for that token id.
+    """
+    table: Tensor = embedding.weight
+    embedded = weights.to(table.dtype) @ table
+    scale = getattr(embedding, "embed_scale", None)
+    if scale is not None:
+        embedded = embedded * torch.as_tensor(scale, device=embedded.device).to(embedded.dtype)
+    return embedded

@@ -1,0 +1,388 @@
+"""The policy: any transformers causal LM, with seeded batched rollouts and a differentiable log-likelihood of
+soft (straight-through) tokens after a cached prefix."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.cache_utils import Cache, DynamicCache
+
+from nabla.cost import CostMeter, forward_flops, matmul_parameters
+from nabla.errors import ConfigurationError, ModelNotFoundError, PromptError
+from nabla.kv import cache_length, prefix_view, soft_embed
+from nabla.sampler import SamplingConfig, sample_tokens
+
+
+@dataclass
+class Rollout:
+    """Tokens generated after a context, with what the loop needs to reuse them.
+
+    ``logits[i]`` (float32, temperature 1) and ``hidden[i]`` (last layer, after the final norm) are the model's
+    outputs that produced ``token_ids[i]``. ``cache`` (single-sequence rollouts only) holds the key/value states
+    of the context followed by ``token_ids[:-1]``: every position that was fed to the model.
+    """
+
+    token_ids: list[int]
+    finish_reason: str
+    context_length: int
+    logits: Tensor | None = None
+    hidden: Tensor | None = None
+    cache: Cache | None = None
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclass
+class LMPrefix:
+    """The fixed context of a soft forward: ``ids`` (prompt ⊕ committed) and, when prefix caching is on, the
+    key/value states of ``ids[:-1]``. The last context token is fed with the soft tokens so that the forward
+    returns the logits of every look-ahead position, the first included."""
+
+    ids: Tensor
+    cache: Cache | None = None
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    names = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+    }
+    if dtype not in names:
+        raise ConfigurationError(f"unknown dtype {dtype!r}; use one of {', '.join(names)}")
+    return names[dtype]
+
+
+def load_pretrained(loader: Any, name_or_path: str, **kwargs: Any) -> Any:
+    """``loader.from_pretrained`` with a one-line error when the weights are not there (offline or misspelt)."""
+    try:
+        return loader.from_pretrained(name_or_path, **kwargs)
+    except (OSError, ValueError) as error:
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        hint = " (HF_HUB_OFFLINE=1: only local folders and cached names load)" if offline else ""
+        raise ModelNotFoundError(
+            f"cannot load {name_or_path!r}{hint}: {str(error).splitlines()[0]}; pass a local folder saved with "
+            "save_pretrained, or a hub name while online"
+        ) from error
+
+
+class Policy:
+    """Wraps a causal LM and its tokenizer.
+
+    Args:
+        model: a transformers causal LM (a peft model on one works too); it is put in eval mode and frozen.
+        tokenizer: its tokenizer.
+        chat_template: wrap prompts in the tokenizer's chat template (``None``: when the tokenizer has one).
+        system_prompt: optional system turn for the chat template.
+        eos_token_ids: tokens that end a response (default: the tokenizer's and generation config's EOS).
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        chat_template: bool | None = None,
+        system_prompt: str | None = None,
+        eos_token_ids: Sequence[int] | None = None,
+    ) -> None:
+        self.model = model.eval()
+        for parameter in self.model.parameters():
+            parameter.requires_grad_(False)
+        self.tokenizer = tokenizer
+        has_template = getattr(tokenizer, "chat_template", None) is not None
+        if chat_template and not has_template:
+            raise ConfigurationError("chat_template=True but the tokenizer has none; set chat_template=false")
+        self.use_chat_template = has_template if chat_template is None else chat_template
+        self.system_prompt = system_prompt
+        self._eos_override = None if eos_token_ids is None else {int(i) for i in eos_token_ids}
+        self.params = matmul_parameters(model)
+        self._head_fp32: tuple[Tensor, Tensor | None] | None = None
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str,
+        *,
+        dtype: str | torch.dtype | None = "float32",
+        device: str | torch.device = "cpu",
+        gguf_file: str | None = None,
+        adapter: str | None = None,
+        chat_template: bool | None = None,
+        system_prompt: str | None = None,
+        **model_kwargs: Any,
+    ) -> Policy:
+        """Load a causal LM from a local folder or a hub name; ``adapter`` is a peft adapter merged on top."""
+        extra = {"gguf_file": gguf_file} if gguf_file else {}
+        tokenizer = load_pretrained(AutoTokenizer, name_or_path, **extra)
+        model = load_pretrained(
+            AutoModelForCausalLM, name_or_path, dtype=resolve_dtype(dtype), **extra, **model_kwargs
+        ).to(device)
+        if adapter is not None:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+        return cls(model, tokenizer, chat_template=chat_template, system_prompt=system_prompt)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.model.get_input_embeddings().weight.shape[0])
+
+    @property
+    def context_window(self) -> int | None:
+        config = self.model.config.get_text_config()
+        return getattr(config, "max_position_embeddings", None)
+
+    @property
+    def eos_token_ids(self) -> set[int]:
+        if self._eos_override is not None:
+            return self._eos_override
+        ids: set[int] = set()
+        for source in (self.tokenizer.eos_token_id, getattr(self.model.generation_config, "eos_token_id", None)):
+            if source is None:
+                continue
+            ids.update(source if isinstance(source, (list, tuple)) else [source])
+        return ids
+
+    # ------------------------------------------------------------------ text
+    def format_prompt(self, prompt: str) -> str:
+        """The exact text the model sees before its response."""
+        if not self.use_chat_template:
+            return prompt
+        messages = [{"role": "user", "content": prompt}]
+        if self.system_prompt is not None:
+            messages.insert(0, {"role": "system", "content": self.system_prompt})
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    def encode(self, prompt: str) -> Tensor:
+        """Token ids of the formatted prompt (1-D, on the policy's device)."""
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise PromptError("the prompt is empty; pass the question text")
+        text = self.format_prompt(prompt)
+        ids = self.tokenizer(text, add_special_tokens=not self.use_chat_template)["input_ids"]
+        if not ids:
+            raise PromptError("the prompt tokenises to nothing; pass a longer prompt")
+        window = self.context_window
+        if window is not None and len(ids) >= window:
+            raise PromptError(
+                f"the prompt has {len(ids)} tokens but the model's context window is {window}; shorten the prompt"
+            )
+        return torch.tensor(ids, dtype=torch.long, device=self.device)
+
+    def decode(self, ids: Sequence[int] | Tensor) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    # ------------------------------------------------------------------ generation
+    @torch.no_grad()
+    def generate(
+        self,
+        contexts: Sequence[Tensor],
+        sampling: SamplingConfig,
+        generators: Sequence[torch.Generator],
+        max_new_tokens: int | Sequence[int],
+        *,
+        stop_strings: Sequence[str] = (),
+        record_logits: bool = False,
+        record_hidden: bool = False,
+        cache: Cache | None = None,
+        keep_cache: bool = False,
+        meter: CostMeter | None = None,
+    ) -> list[Rollout]:
+        """Sample one continuation per context, row ``b`` with ``generators[b]``.
+
+        ``cache`` (one context only) holds the states of a leading part of the context, which is then not
+        re-encoded: the rest is fed first. Rows are left-padded; each stops at an EOS token, a stop string or its
+        own ``max_new_tokens`` (cut so that the context window is never exceeded).
+        """
+        batch = len(contexts)
+        if batch == 0:
+            return []
+        if len(generators) != batch:
+            raise ValueError(f"{batch} contexts need {batch} generators, got {len(generators)}")
+        if cache is not None and batch != 1:
+            raise ValueError("a reusable cache is supported for a single context only")
+        budgets = [max_new_tokens] * batch if isinstance(max_new_tokens, int) else list(max_new_tokens)
+        window = self.context_window
+        if window is not None:
+            budgets = [min(b, window - len(c)) for b, c in zip(budgets, contexts)]
+        if min(budgets) < 1:
+            raise PromptError("no room left in the context window to generate; shorten the prompt")
+
+        pad_id = self._pad_id()
+        widths = [len(c) for c in contexts]
+        width = max(widths)
+        ids = torch.full((batch, width), pad_id, dtype=torch.long, device=self.device)
+        mask = torch.zeros((batch, width), dtype=torch.long, device=self.device)
+        for row, context in enumerate(contexts):
+            ids[row, width - len(context) :] = context.to(self.device)
+            mask[row, width - len(context) :] = 1
+
+        known = cache_length(cache)
+        if known >= width:
+            raise ValueError(f"the cache covers {known} positions of a {width}-token context; nothing left to feed")
+        cache = cache if cache is not None else DynamicCache()
+        if width - 1 > known:
+            self._forward_ids(ids[:, known:-1], mask[:, :-1], cache, meter, kind="prefill", tokens=width - 1 - known)
+
+        outputs: list[list[int]] = [[] for _ in range(batch)]
+        logits_rows: list[list[Tensor]] = [[] for _ in range(batch)]
+        hidden_rows: list[list[Tensor]] = [[] for _ in range(batch)]
+        finish = [""] * batch
+        next_input = ids[:, -1:]
+        eos = self.eos_token_ids
+        for _ in range(max(budgets)):
+            active = [b for b in range(batch) if not finish[b]]
+            out = self.model(
+                input_ids=next_input,
+                attention_mask=mask,
+                position_ids=_positions(mask)[:, -1:],
+                cache=cache,
+                use_cache=True,
+                output_hidden_states=record_hidden,
+                logits_to_keep=1,
+            )
+            if meter is not None:
+                meter.update("generated_tokens", len(active), flops=forward_flops(self.params, len(active)))
+            step_logits = out.logits[:, -1, :].float()
+            tokens = sample_tokens(step_logits, sampling, list(generators))
+            for b in active:
+                token = int(tokens[b])
+                outputs[b].append(token)
+                if record_logits:
+                    logits_rows[b].append(step_logits[b])
+                if record_hidden:
+                    hidden_rows[b].append(out.hidden_states[-1][b, -1].float())
+                finish[b] = self._finish_reason(outputs[b], token, eos, stop_strings, budgets[b])
+            if all(finish):
+                break
+            next_input = torch.tensor([[o[-1] if o else pad_id] for o in outputs], device=self.device)
+            finished_rows = torch.tensor([bool(f) for f in finish], device=self.device)
+            next_input[finished_rows] = pad_id
+            mask = torch.cat([mask, (~finished_rows).long().unsqueeze(-1)], dim=-1)
+
+        return [
+            Rollout(
+                token_ids=outputs[b],
+                finish_reason=finish[b],
+                context_length=len(contexts[b]),
+                logits=torch.stack(logits_rows[b]) if record_logits else None,
+                hidden=torch.stack(hidden_rows[b]) if record_hidden else None,
+                cache=cache if keep_cache and batch == 1 else None,
+            )
+            for b in range(batch)
+        ]
+
+    def _finish_reason(
+        self, generated: list[int], token: int, eos: set[int], stop_strings: Sequence[str], budget: int
+    ) -> str:
+        if token in eos:
+            return "eos"
+        if stop_strings:
+            text = self.tokenizer.decode(generated[-64:], skip_special_tokens=False)
+            if any(stop in text for stop in stop_strings):
+                return "stop"
+        if len(generated) >= budget:
+            return "length"
+        return ""
+
+    def _pad_id(self) -> int:
+        for candidate in (self.tokenizer.pad_token_id, self.tokenizer.eos_token_id):
+            if candidate is not None:
+                return int(candidate)
+        return 0
+
+    def _forward_ids(
+        self, ids: Tensor, mask: Tensor, cache: Cache, meter: CostMeter | None, *, kind: str, tokens: int
+    ) -> None:
+        self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=_positions(mask)[:, -ids.shape[1] :],
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        if meter is not None:
+            meter.update(kind, 1, flops=forward_flops(self.params, tokens * ids.shape[0]))
+
+    @torch.no_grad()
+    def prefix_cache(self, ids: Tensor, meter: CostMeter | None = None) -> Cache | None:
+        """States of ``ids[:-1]`` for :class:`LMPrefix` (one prefill call); ``None`` for a 1-token context."""
+        if len(ids) < 2:
+            return None
+        cache = DynamicCache()
+        mask = torch.ones((1, len(ids) - 1), dtype=torch.long, device=self.device)
+        self._forward_ids(ids[None, :-1], mask, cache, meter, kind="prefill", tokens=len(ids) - 1)
+        return cache
+
+    # ------------------------------------------------------------------ differentiable pieces
+    def soft_log_likelihood(self, y: Tensor, prefix: LMPrefix) -> Tensor:
+        """Per-position ``log π(y_i | prefix, y_<i) = Σ_v y_i[v] · log softmax(logits_i)[v]`` (``(T,)``, float32).
+
+        ``y`` (``(T, V)``) holds straight-through one-hots (or any soft rows); gradients flow to ``y`` both through
+        the embeddings fed to the model and through the weights of the log-probabilities.
+        """
+        embedding = self.model.get_input_embeddings()
+        soft = soft_embed(embedding, y[:-1])
+        if prefix.cache is not None:
+            context = embedding(prefix.ids[-1:])
+            inputs = torch.cat([context, soft], dim=0)
+            start = len(prefix.ids) - 1
+            cache: Cache | None = prefix_view(prefix.cache, start)
+        else:
+            context = embedding(prefix.ids)
+            inputs = torch.cat([context, soft], dim=0)
+            start, cache = 0, None
+        positions = torch.arange(start, start + inputs.shape[0], device=self.device)[None]
+        out = self.model(inputs_embeds=inputs[None], position_ids=positions, cache=cache, use_cache=cache is not None)
+        logits = out.logits[0, -y.shape[0] :].float()
+        return (y * torch.log_softmax(logits, dim=-1)).sum(-1)
+
+    def forward_flops(self, tokens: int, soft_tokens: int = 0) -> float:
+        """Forward FLOPs over ``tokens`` positions, ``soft_tokens`` of them embedded as a ``V x d`` product."""
+        table = self.model.get_input_embeddings().weight.numel()
+        return forward_flops(self.params, tokens) + 2.0 * soft_tokens * table
+
+    def backward_flops(self, tokens: int, soft_tokens: int = 0) -> float:
+        return 2.0 * self.forward_flops(tokens, soft_tokens)
+
+    def head_logits(self, hidden: Tensor) -> Tensor:
+        """The LM head applied in float32 to last-layer hidden states (the latents space's map to logits)."""
+        if self._head_fp32 is None:
+            head = self.model.get_output_embeddings()
+            bias = head.bias.detach().float() if getattr(head, "bias", None) is not None else None
+            self._head_fp32 = (head.weight.detach().float(), bias)
+        weight, bias = self._head_fp32
+        logits = hidden.float() @ weight.T
+        if bias is not None:
+            logits = logits + bias
+        cap = getattr(self.model.config.get_text_config(), "final_logit_softcapping", None)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+
+def _positions(mask: Tensor) -> Tensor:
+    """Position ids of a left-padded batch: 0 at each row's first real token."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)

@@ -1,0 +1,114 @@
+import pytest
+import torch
+from conftest import PROMPT
+
+from nabla import Policy, PromptError
+from nabla.kv import soft_embed
+from nabla.policy import LMPrefix
+from nabla.sampler import SamplingConfig
+
+
+def test_straight_through_forward_equals_hard_embedding(policy):
+    ids = torch.tensor([5, 9, 12, 30])
+    embedding = policy.model.get_input_embeddings()
+    logits = torch.randn(len(ids), policy.vocab_size, requires_grad=True)
+    soft = torch.softmax(logits, -1)
+    hard = torch.nn.functional.one_hot(ids, policy.vocab_size).float()
+    y = hard + (soft - soft.detach())
+    assert torch.equal(y.detach(), hard)
+    assert torch.equal(soft_embed(embedding, y).detach(), embedding(ids))
+
+
+def test_soft_embed_applies_the_modules_scale():
+    class Scaled(torch.nn.Embedding):
+        embed_scale = torch.tensor(3.0)
+
+        def forward(self, ids):
+            return super().forward(ids) * self.embed_scale
+
+    module = Scaled(10, 4)
+    ids = torch.tensor([1, 7])
+    assert torch.allclose(soft_embed(module, torch.nn.functional.one_hot(ids, 10).float()), module(ids))
+
+
+def _soft_ll_and_grad(policy, prefix_ids, tokens, use_cache):
+    cache = policy.prefix_cache(prefix_ids) if use_cache else None
+    y = torch.nn.functional.one_hot(tokens, policy.vocab_size).float().requires_grad_(True)
+    ll = policy.soft_log_likelihood(y, LMPrefix(prefix_ids, cache))
+    ll.sum().backward()
+    return ll.detach(), y.grad
+
+
+def test_prefix_cached_soft_forward_matches_full_forward(policy):
+    prefix = policy.encode(PROMPT)
+    tokens = torch.tensor([12, 9, 30, 7, 41, 8])
+    ll_full, grad_full = _soft_ll_and_grad(policy, prefix, tokens, use_cache=False)
+    ll_cached, grad_cached = _soft_ll_and_grad(policy, prefix, tokens, use_cache=True)
+    torch.testing.assert_close(ll_cached, ll_full, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad_cached, grad_full, rtol=1e-4, atol=1e-5)
+    assert grad_full.abs().sum() > 0
+
+
+def test_soft_log_likelihood_equals_the_models_log_probs(policy):
+    prefix = policy.encode(PROMPT)
+    tokens = torch.tensor([12, 9, 30])
+    ll, _ = _soft_ll_and_grad(policy, prefix, tokens, use_cache=True)
+    with torch.no_grad():
+        logits = policy.model(torch.cat([prefix, tokens])[None]).logits[0, len(prefix) - 1 : -1]
+    expected = torch.log_softmax(logits, -1).gather(-1, tokens[:, None]).squeeze(-1)
+    torch.testing.assert_close(ll, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_rollout_logits_match_a_full_forward_and_latents_reproduce_them(policy):
+    prompt = policy.encode(PROMPT)
+    generator = torch.Generator().manual_seed(0)
+    rollout = policy.generate(
+        [prompt], SamplingConfig(0.6), [generator], 8, record_logits=True, record_hidden=True, keep_cache=True
+    )[0]
+    assert len(rollout) == 8 and rollout.finish_reason == "length"
+    with torch.no_grad():
+        full = policy.model(torch.cat([prompt, torch.tensor(rollout.token_ids)])[None]).logits[0]
+    torch.testing.assert_close(rollout.logits, full[len(prompt) - 1 : -1].float(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(policy.head_logits(rollout.hidden), rollout.logits, rtol=1e-5, atol=1e-5)
+    assert rollout.cache.get_seq_length() == len(prompt) + len(rollout) - 1
+
+
+def test_batched_generation_matches_one_at_a_time(policy):
+    prompts = [policy.encode(PROMPT), policy.encode("what is 7 minus 2 ?"), policy.encode("so")]
+    config = SamplingConfig(temperature=0.8, top_p=0.95)
+    batched = policy.generate(prompts, config, [torch.Generator().manual_seed(s) for s in range(3)], 12)
+    for seed, prompt in enumerate(prompts):
+        alone = policy.generate([prompt], config, [torch.Generator().manual_seed(seed)], 12)[0]
+        assert alone.token_ids == batched[seed].token_ids
+
+
+def test_generation_stops_at_eos_stop_strings_and_length(policy):
+    prompt = policy.encode(PROMPT)
+    config = SamplingConfig(temperature=1.0)
+
+    def generate(**kwargs):
+        endless = Policy(policy.model, policy.tokenizer, eos_token_ids=kwargs.pop("eos", []))
+        return endless.generate([prompt], config, [torch.Generator().manual_seed(3)], 6, **kwargs)[0]
+
+    full = generate()
+    assert len(full) == 6 and full.finish_reason == "length"
+    stopped = generate(stop_strings=[policy.decode(full.token_ids[2:3])])
+    assert stopped.finish_reason == "stop" and stopped.token_ids == full.token_ids[: len(stopped)]
+    assert len(stopped) <= 3
+    ended = generate(eos=[full.token_ids[3]])
+    assert ended.finish_reason == "eos" and ended.token_ids == full.token_ids[: len(ended)]
+    assert ended.token_ids[-1] == full.token_ids[3]
+
+
+def test_encode_refuses_empty_and_too_long_prompts(policy):
+    with pytest.raises(PromptError, match="empty"):
+        policy.encode("   ")
+    with pytest.raises(PromptError, match="context window"):
+        policy.encode(" ".join(["plus"] * 400))
+
+
+def test_from_pretrained_loads_a_saved_folder(saved_models):
+    policy_dir, _ = saved_models
+    loaded = Policy.from_pretrained(str(policy_dir))
+    assert loaded.vocab_size > 10 and loaded.use_chat_template
+    assert not any(p.requires_grad for p in loaded.model.parameters())
