@@ -67,6 +67,9 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
 
 def load_pretrained(loader: Any, name_or_path: str, **kwargs: Any) -> Any:
     """``loader.from_pretrained`` with a one-line error when the weights are not there (offline or misspelt)."""
+    looks_local = name_or_path.startswith((".", "/", "~")) or os.sep in name_or_path.strip(os.sep).replace("/", "", 1)
+    if looks_local and not os.path.isdir(os.path.expanduser(name_or_path)):
+        raise ModelNotFoundError(f"no model folder at {name_or_path!r}; pass a folder saved with save_pretrained")
     try:
         return loader.from_pretrained(name_or_path, **kwargs)
     except (OSError, ValueError) as error:

