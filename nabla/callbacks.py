@@ -32,40 +32,41 @@ class Callback:
 
 
 class ProgressBar(Callback):
-    """A rich progress bar over the response's tokens, with rollouts and rejections so far."""
+    """A rich progress bar per prompt over its response's tokens, with rollouts and rejections so far."""
 
     def __init__(self, description: str = "∇-Reasoner") -> None:
         self.description = description
         self._progress: Any = None
-        self._task: Any = None
+        self._tasks: dict[int, Any] = {}
+        self._open = 0
 
     def on_fit_start(self, trainer, state) -> None:
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        if self._progress is None:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-        self._progress = Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("tokens · {task.fields[rollouts]} rollouts · {task.fields[rejections]} rejected"),
-            TimeElapsedColumn(),
-            console=Console(file=sys.stderr),
-            transient=True,
-        )
-        self._progress.start()
-        self._task = self._progress.add_task(
+            self._progress = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("tokens · {task.fields[rollouts]} rollouts · {task.fields[rejections]} rejected"),
+                TimeElapsedColumn(),
+                console=Console(file=sys.stderr),
+                transient=True,
+            )
+            self._progress.start()
+        self._open += 1
+        self._tasks[id(state)] = self._progress.add_task(
             self.description, total=trainer.sampler.max_new_tokens, rollouts=0, rejections=0
         )
 
     def _refresh(self, trainer, state) -> None:
-        if self._progress is None:
+        task = self._tasks.get(id(state))
+        if self._progress is None or task is None:
             return
-        stats = trainer.meter.snapshot()
+        stats = state.meter.snapshot()
         self._progress.update(
-            self._task,
-            completed=len(state.committed),
-            rollouts=int(stats["rollouts"]),
-            rejections=int(stats["rejections"]),
+            task, completed=len(state.committed), rollouts=int(stats["rollouts"]), rejections=int(stats["rejections"])
         )
 
     def on_rollout(self, trainer, state, rollout) -> None:
@@ -82,9 +83,10 @@ class ProgressBar(Callback):
             self._refresh(trainer, state)
 
     def on_fit_end(self, trainer, result) -> None:
-        if self._progress is not None:
+        self._open -= 1
+        if self._open <= 0 and self._progress is not None:
             self._progress.stop()
-            self._progress = None
+            self._progress, self._tasks, self._open = None, {}, 0
 
 
 class LoggerCallback(Callback):

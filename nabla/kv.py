@@ -59,17 +59,40 @@ def _cache_from_layers(layers: list) -> DynamicCache:
     return cache
 
 
-def select_batch_row(cache: Cache, row: int, length: int | None = None) -> DynamicCache:
-    """The cache of one sequence of a batched cache (optionally cut to ``length`` positions), sharing storage."""
+def select_batch_row(cache: Cache, row: int, start: int, stop: int) -> DynamicCache:
+    """Positions ``start:stop`` of one sequence of a batched cache, sharing storage (drops its left padding)."""
     layers = []
     for layer in cache.layers:
+        if type(layer) is not DynamicLayer:
+            raise ConfigurationError(f"batched cache reuse does not support {type(layer).__name__} layers")
         view = copy.copy(layer)
         if layer.is_initialized:
-            stop = layer.keys.shape[-2] if length is None else length
-            view.keys = layer.keys[row : row + 1, :, :stop, :]
-            view.values = layer.values[row : row + 1, :, :stop, :]
+            view.keys = layer.keys[row : row + 1, :, start:stop, :]
+            view.values = layer.values[row : row + 1, :, start:stop, :]
         layers.append(view)
     return _cache_from_layers(layers)
+
+
+def stack_left_padded(caches: list[Cache], lengths: list[int], device: torch.device) -> tuple[DynamicCache, Tensor]:
+    """Single-sequence caches of different lengths as one left-padded batch, with its attention mask."""
+    width = max(lengths)
+    mask = torch.zeros((len(caches), width), dtype=torch.long, device=device)
+    for row, length in enumerate(lengths):
+        mask[row, width - length :] = 1
+    layers = []
+    for index, template in enumerate(caches[0].layers):
+        if type(template) is not DynamicLayer:
+            raise ConfigurationError(f"batched cache reuse does not support {type(template).__name__} layers")
+        keys, values = [], []
+        for cache, length in zip(caches, lengths):
+            layer = cache.layers[index]
+            pad = width - length
+            keys.append(torch.nn.functional.pad(layer.keys[..., :length, :], (0, 0, pad, 0)))
+            values.append(torch.nn.functional.pad(layer.values[..., :length, :], (0, 0, pad, 0)))
+        merged = copy.copy(template)
+        merged.keys, merged.values = torch.cat(keys), torch.cat(values)
+        layers.append(merged)
+    return _cache_from_layers(layers), mask
 
 
 def soft_embed(embedding: torch.nn.Module, weights: Tensor) -> Tensor:

@@ -15,7 +15,7 @@ from transformers.cache_utils import Cache, DynamicCache
 
 from nabla.cost import CostMeter, forward_flops, matmul_parameters
 from nabla.errors import ConfigurationError, ModelNotFoundError, PromptError
-from nabla.kv import cache_length, prefix_view, soft_embed
+from nabla.kv import cache_length, prefix_view, select_batch_row, soft_embed, stack_left_padded
 from nabla.sampler import SamplingConfig, sample_tokens
 
 
@@ -208,23 +208,28 @@ class Policy:
         stop_strings: Sequence[str] = (),
         record_logits: bool = False,
         record_hidden: bool = False,
-        cache: Cache | None = None,
+        caches: Sequence[Cache | None] | None = None,
         keep_cache: bool = False,
-        meter: CostMeter | None = None,
+        meter: CostMeter | Sequence[CostMeter | None] | None = None,
     ) -> list[Rollout]:
         """Sample one continuation per context, row ``b`` with ``generators[b]``.
 
-        ``cache`` (one context only) holds the states of a leading part of the context, which is then not
-        re-encoded: the rest is fed first. Rows are left-padded; each stops at an EOS token, a stop string or its
-        own ``max_new_tokens`` (cut so that the context window is never exceeded).
+        Args:
+            caches: per row, ``None`` or the key/value states of a leading part of that row's context, which is
+                then not re-encoded (a proposal continues from the current rollout's states).
+            keep_cache: return each row's states (context ⊕ tokens[:-1]) on its :class:`Rollout` for reuse.
+            meter: one meter charged for every row, or one meter per row.
+
+        Rows are left-padded; each stops at an EOS token, a stop string or its own ``max_new_tokens`` (cut so that
+        the context window is never exceeded). Each row's draws come from its own generator only, so a row samples
+        the same tokens alone or inside any batch.
         """
         batch = len(contexts)
         if batch == 0:
             return []
         if len(generators) != batch:
             raise ValueError(f"{batch} contexts need {batch} generators, got {len(generators)}")
-        if cache is not None and batch != 1:
-            raise ValueError("a reusable cache is supported for a single context only")
+        meters = list(meter) if isinstance(meter, Sequence) else [meter] * batch
         budgets = [max_new_tokens] * batch if isinstance(max_new_tokens, int) else list(max_new_tokens)
         window = self.context_window
         if window is not None:
@@ -232,27 +237,19 @@ class Policy:
         if min(budgets) < 1:
             raise PromptError("no room left in the context window to generate; shorten the prompt")
 
-        pad_id = self._pad_id()
-        widths = [len(c) for c in contexts]
-        width = max(widths)
-        ids = torch.full((batch, width), pad_id, dtype=torch.long, device=self.device)
-        mask = torch.zeros((batch, width), dtype=torch.long, device=self.device)
-        for row, context in enumerate(contexts):
-            ids[row, width - len(context) :] = context.to(self.device)
-            mask[row, width - len(context) :] = 1
-
-        known = cache_length(cache)
-        if known >= width:
-            raise ValueError(f"the cache covers {known} positions of a {width}-token context; nothing left to feed")
-        cache = cache if cache is not None else DynamicCache()
-        if width - 1 > known:
-            self._forward_ids(ids[:, known:-1], mask[:, :-1], cache, meter, kind="prefill", tokens=width - 1 - known)
+        contexts = [c.to(self.device) for c in contexts]
+        if caches is None or all(c is None for c in caches):
+            cache, mask = self._prefill_batch(contexts, meters)
+        else:
+            cache, mask = self._merge_row_caches(contexts, caches, meters)
+        pads = [mask.shape[1] + 1 - len(c) for c in contexts]
+        mask = torch.cat([mask, torch.ones((batch, 1), dtype=torch.long, device=self.device)], dim=-1)
 
         outputs: list[list[int]] = [[] for _ in range(batch)]
         logits_rows: list[list[Tensor]] = [[] for _ in range(batch)]
         hidden_rows: list[list[Tensor]] = [[] for _ in range(batch)]
         finish = [""] * batch
-        next_input = ids[:, -1:]
+        next_input = torch.stack([c[-1:] for c in contexts])
         eos = self.eos_token_ids
         for _ in range(max(budgets)):
             active = [b for b in range(batch) if not finish[b]]
@@ -265,12 +262,12 @@ class Policy:
                 output_hidden_states=record_hidden,
                 logits_to_keep=1,
             )
-            if meter is not None:
-                meter.update("generated_tokens", len(active), flops=forward_flops(self.params, len(active)))
-            step_logits = out.logits[:, -1, :].float()
-            tokens = sample_tokens(step_logits, sampling, list(generators))
             for b in active:
-                token = int(tokens[b])
+                _charge(meters[b], "generated_tokens", 1, forward_flops(self.params, 1))
+            step_logits = out.logits[:, -1, :].float()
+            # only unfinished rows draw: a row's generator advances exactly as it would alone
+            tokens = sample_tokens(step_logits[active], sampling, [generators[b] for b in active])
+            for b, token in zip(active, tokens.tolist()):
                 outputs[b].append(token)
                 if record_logits:
                     logits_rows[b].append(step_logits[b])
@@ -279,9 +276,9 @@ class Policy:
                 finish[b] = self._finish_reason(outputs[b], token, eos, stop_strings, budgets[b])
             if all(finish):
                 break
-            next_input = torch.tensor([[o[-1] if o else pad_id] for o in outputs], device=self.device)
             finished_rows = torch.tensor([bool(f) for f in finish], device=self.device)
-            next_input[finished_rows] = pad_id
+            next_input = torch.tensor([[o[-1]] for o in outputs], device=self.device)
+            next_input[finished_rows] = self._pad_id()
             mask = torch.cat([mask, (~finished_rows).long().unsqueeze(-1)], dim=-1)
 
         return [
@@ -291,10 +288,56 @@ class Policy:
                 context_length=len(contexts[b]),
                 logits=torch.stack(logits_rows[b]) if record_logits else None,
                 hidden=torch.stack(hidden_rows[b]) if record_hidden else None,
-                cache=cache if keep_cache and batch == 1 else None,
+                cache=self._row_cache(cache, b, pads[b], len(contexts[b]) + len(outputs[b]) - 1, batch)
+                if keep_cache
+                else None,
             )
             for b in range(batch)
         ]
+
+    def _prefill_batch(self, contexts: list[Tensor], meters: list[CostMeter | None]) -> tuple[Cache, Tensor]:
+        """One left-padded parallel pass over every context but its last token."""
+        width = max(len(c) for c in contexts) - 1
+        ids = torch.full((len(contexts), width), self._pad_id(), dtype=torch.long, device=self.device)
+        mask = torch.zeros_like(ids)
+        for row, context in enumerate(contexts):
+            known = len(context) - 1
+            if known:
+                ids[row, width - known :] = context[:-1]
+                mask[row, width - known :] = 1
+        cache = DynamicCache()
+        if width:
+            self._forward_ids(ids, mask, cache)
+            for context, row_meter in zip(contexts, meters):
+                if len(context) > 1:
+                    _charge(row_meter, "prefill", 1, forward_flops(self.params, len(context) - 1))
+        return cache, mask
+
+    def _merge_row_caches(
+        self, contexts: list[Tensor], caches: Sequence[Cache | None], meters: list[CostMeter | None]
+    ) -> tuple[Cache, Tensor]:
+        """Extend each row's own states to cover its context but the last token, then stack them left-padded."""
+        rows: list[Cache] = []
+        for context, cache, row_meter in zip(contexts, caches, meters):
+            cache = cache if cache is not None else DynamicCache()
+            known, needed = cache_length(cache), len(context) - 1
+            if known > needed:
+                cache = prefix_view(cache, needed)
+            elif known < needed:
+                ones = torch.ones((1, needed), dtype=torch.long, device=self.device)
+                self._forward_ids(context[None, known:needed], ones, cache)
+                _charge(row_meter, "prefill", 1, forward_flops(self.params, needed - known))
+            rows.append(cache)
+        if len(rows) == 1:
+            mask = torch.ones((1, len(contexts[0]) - 1), dtype=torch.long, device=self.device)
+            return rows[0], mask
+        return stack_left_padded(rows, [len(c) - 1 for c in contexts], self.device)
+
+    @staticmethod
+    def _row_cache(cache: Cache, row: int, pad: int, length: int, batch: int) -> Cache:
+        if batch == 1 and pad == 0:
+            return cache
+        return select_batch_row(cache, row, pad, pad + length)
 
     def _finish_reason(
         self, generated: list[int], token: int, eos: set[int], stop_strings: Sequence[str], budget: int
@@ -315,9 +358,8 @@ class Policy:
                 return int(candidate)
         return 0
 
-    def _forward_ids(
-        self, ids: Tensor, mask: Tensor, cache: Cache, meter: CostMeter | None, *, kind: str, tokens: int
-    ) -> None:
+    def _forward_ids(self, ids: Tensor, mask: Tensor, cache: Cache) -> None:
+        """Extend ``cache`` by ``ids`` (``mask`` covers the cache and ``ids``)."""
         self.model(
             input_ids=ids,
             attention_mask=mask,
@@ -326,8 +368,6 @@ class Policy:
             use_cache=True,
             logits_to_keep=1,
         )
-        if meter is not None:
-            meter.update(kind, 1, flops=forward_flops(self.params, tokens * ids.shape[0]))
 
     @torch.no_grad()
     def prefix_cache(self, ids: Tensor, meter: CostMeter | None = None) -> Cache | None:
@@ -336,7 +376,8 @@ class Policy:
             return None
         cache = DynamicCache()
         mask = torch.ones((1, len(ids) - 1), dtype=torch.long, device=self.device)
-        self._forward_ids(ids[None, :-1], mask, cache, meter, kind="prefill", tokens=len(ids) - 1)
+        self._forward_ids(ids[None, :-1], mask, cache)
+        _charge(meter, "prefill", 1, forward_flops(self.params, len(ids) - 1))
         return cache
 
     # ------------------------------------------------------------------ differentiable pieces
@@ -384,6 +425,11 @@ class Policy:
         if cap:
             logits = torch.tanh(logits / cap) * cap
         return logits
+
+
+def _charge(meter: CostMeter | None, kind: str, count: int, flops: float) -> None:
+    if meter is not None:
+        meter.update(kind, count, flops=flops)
 
 
 def _positions(mask: Tensor) -> Tensor:

@@ -9,6 +9,7 @@ roll out ─► select the first position worth optimising (commit the ones befo
 from __future__ import annotations
 
 import time
+from collections.abc import Generator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -48,6 +49,16 @@ class Acceleration:
     def reference(cls) -> Acceleration:
         """Everything recomputed every time (the authors' release, for debugging and benchmarks)."""
         return cls(False, False, False, False)
+
+
+@dataclass
+class RolloutRequest:
+    """A rollout the loop of one prompt needs: continue ``context`` for at most ``budget`` tokens, reusing
+    ``cache`` (states of a leading part of ``context``) when given."""
+
+    context: Tensor
+    budget: int
+    cache: Any = None
 
 
 @dataclass
@@ -126,6 +137,7 @@ class DecodingState:
     rollout_reward: float | None = None
     rollout_gradient: tuple[int, ObjectiveValue] | None = None
     reward_context: RewardContext | None = None
+    meter: CostMeter = field(default_factory=CostMeter)
 
     @property
     def committed(self) -> list[int]:
@@ -216,31 +228,67 @@ class TestTimeTrainer:
     # ------------------------------------------------------------------ the loop
     def fit(self, prompt: str, seed: int = 0) -> FitResult:
         """Decode one prompt with ∇-Reasoner; deterministic for a given ``seed`` on CPU."""
+        return self.fit_batch([prompt], seeds=[seed])[0]
+
+    def fit_batch(self, prompts: Sequence[str], seeds: int | Sequence[int] = 0) -> list[FitResult]:
+        """Decode several prompts at once: their rollouts run as one batch, everything else per prompt.
+
+        Each prompt keeps its own generator (``seeds[i]``, or ``seeds + i`` for an int), so its result is the
+        one ``fit(prompts[i], seed)`` gives. ``wall_time_s`` of each result is the batch's time over its size.
+        """
+        seeds = [seeds + i for i in range(len(prompts))] if isinstance(seeds, int) else list(seeds)
+        if len(seeds) != len(prompts):
+            raise ConfigurationError(f"{len(prompts)} prompts need {len(prompts)} seeds, got {len(seeds)}")
         started = time.perf_counter()
-        self.meter = CostMeter()
-        state = DecodingState(prompt, self.policy.encode(prompt), torch.Generator().manual_seed(seed))
-        first = self._roll_out(state, state.prompt_ids, budget=self.sampler.max_new_tokens, cache=None)
+        states = [
+            DecodingState(prompt, self.policy.encode(prompt), torch.Generator().manual_seed(seed))
+            for prompt, seed in zip(prompts, seeds)
+        ]
+        loops = {i: self._decode(state, seed) for i, (state, seed) in enumerate(zip(states, seeds))}
+        requests = {i: next(loop) for i, loop in loops.items()}
+        results: dict[int, FitResult] = {}
+        while requests:
+            order = sorted(requests)
+            rollouts = self._generate([states[i] for i in order], [requests[i] for i in order])
+            for i, rollout in zip(order, rollouts):
+                try:
+                    requests[i] = loops[i].send(rollout)
+                except StopIteration as stop:
+                    results[i] = stop.value
+                    del requests[i]
+        share = (time.perf_counter() - started) / len(prompts)
+        for i, state in enumerate(states):
+            state.meter.update("wall_time_s", share)
+            results[i].stats = state.meter.snapshot()
+            self._hook("on_fit_end", results[i])
+        self.meter = states[-1].meter
+        return [results[i] for i in range(len(prompts))]
+
+    def _decode(self, state: DecodingState, seed: int) -> Generator[RolloutRequest, Rollout, FitResult]:
+        """The loop of one prompt, as a coroutine that yields each rollout it needs (so rollouts of several
+        prompts can run as one batch) and returns the result."""
+        first = yield RolloutRequest(state.prompt_ids, self.sampler.max_new_tokens, None)
         state.adopt([], first, None)
         self._hook("on_fit_start", state)
         self._hook("on_rollout", state, first)
         revisions: list[Revision] = []
         runs: list[DTORun] = []
         assert state.rollout is not None
-        while state.cursor < len(state.rollout) and self.meter.snapshot()["rollouts"] < self.sampler.max_rollouts:
+        while state.cursor < len(state.rollout) and state.meter.snapshot()["rollouts"] < self.sampler.max_rollouts:
             position = self._select(state)
             if position is None:
                 break
             state.cursor = position
-            run, revision = self._revise(state, position)
+            run, revision = yield from self._revise(state, position)
             runs.append(run)
             if revision is not None:
                 revisions.append(revision)
         state.cursor = len(state.rollout)
-        result = self._finish(state, revisions, runs, seed, started)
-        self._hook("on_fit_end", result)
-        return result
+        return self._finish(state, revisions, runs, seed)
 
-    def _revise(self, state: DecodingState, position: int) -> tuple[DTORun, Revision | None]:
+    def _revise(
+        self, state: DecodingState, position: int
+    ) -> Generator[RolloutRequest, Rollout, tuple[DTORun, Revision | None]]:
         """DTO at ``position``, resample, and (for a new token) propose and test a new rollout."""
         assert state.rollout is not None
         dto = self._optimise(state, position)
@@ -259,7 +307,7 @@ class TestTimeTrainer:
             state.cursor = position + 1
             return run, None
         committed = state.committed
-        proposal = self._propose(state, committed, token)
+        proposal = yield from self._propose(state, committed, token)
         revision = Revision(
             position=len(committed),
             original_token=original,
@@ -272,65 +320,70 @@ class TestTimeTrainer:
         self._hook("on_revision", state, revision)
         accepted = self._accept(state, committed + [token] + proposal.token_ids, revision)
         revision.accepted = accepted
-        self.meter.update("proposals")
+        state.meter.update("proposals")
         if accepted:
-            self.meter.update("acceptances")
+            state.meter.update("acceptances")
             run.outcome = "accepted"
             state.adopt(committed + [token], proposal, revision.proposal_reward)
             self._hook("on_rollout", state, proposal)
             self._hook("on_accept", state, revision)
         else:
-            self.meter.update("rejections")
+            state.meter.update("rejections")
             run.outcome = "rejected"
             state.cursor = position + 1
             self._hook("on_reject", state, revision)
         return run, revision
 
     # ------------------------------------------------------------------ rollouts
-    def _roll_out(self, state: DecodingState, context: Tensor, budget: int, cache: Any) -> Rollout:
-        rollout = self.policy.generate(
-            [context],
+    def _generate(self, states: list[DecodingState], requests: list[RolloutRequest]) -> list[Rollout]:
+        """Every pending rollout of a batch of prompts in one batched generation, each with its own generator."""
+        rollouts = self.policy.generate(
+            [request.context for request in requests],
             self.sampler.rollout,
-            [state.generator],
-            budget,
+            [state.generator for state in states],
+            [request.budget for request in requests],
             stop_strings=self.sampler.stop_strings,
             record_logits=True,
             record_hidden=self.optimizer.space == "latents",
-            cache=cache,
+            caches=[request.cache for request in requests],
             keep_cache=True,
-            meter=self.meter,
-        )[0]
-        self.meter.update("rollouts")
-        return rollout
+            meter=[state.meter for state in states],
+        )
+        for state in states:
+            state.meter.update("rollouts")
+        return rollouts
 
-    def _propose(self, state: DecodingState, committed: list[int], token: int) -> Rollout:
+    def _propose(
+        self, state: DecodingState, committed: list[int], token: int
+    ) -> Generator[RolloutRequest, Rollout, Rollout]:
         """The policy's continuation after ``committed ⊕ token``."""
         assert state.rollout is not None
         context = torch.cat([state.prompt_ids, torch.tensor(committed + [token], device=state.prompt_ids.device)])
         budget = self.sampler.max_new_tokens - len(committed) - 1
         if token in self.policy.eos_token_ids or budget < 1:
-            self.meter.update("rollouts")
+            state.meter.update("rollouts")
             return Rollout([], "eos" if token in self.policy.eos_token_ids else "length", len(context))
         cache = None
         if self.acceleration.reuse_rollout_cache and state.rollout.cache is not None:
             cache = prefix_view(state.rollout.cache, len(context) - 1)
-        return self._roll_out(state, context, budget, cache)
+        return (yield RolloutRequest(context, budget, cache))
 
     def _accept(self, state: DecodingState, proposal: list[int], revision: Revision) -> bool:
         if not self.sampler.rejection_sampling:
             return True
         current = state.rollout_reward
         if current is None or not self.acceleration.reuse_rollout_reward:
-            current = self._score(state.prompt, state.response)
+            current = self._score(state, state.response)
             state.rollout_reward = current
         revision.current_reward = current
-        revision.proposal_reward = self._score(state.prompt, proposal)
+        revision.proposal_reward = self._score(state, proposal)
         return self.sampler.accepts(current, revision.proposal_reward)
 
-    def _score(self, prompt: str, response: list[int]) -> float:
+    def _score(self, state: DecodingState, response: list[int]) -> float:
         """The reward of one full response; both candidates of an acceptance test go through here alone."""
         assert self.reward is not None
-        return float(self.reward.score([prompt], [self.policy.decode(response)], [response], meter=self.meter)[0])
+        text = self.policy.decode(response)
+        return float(self.reward.score([state.prompt], [text], [response], meter=state.meter)[0])
 
     # ------------------------------------------------------------------ token selection
     def _select(self, state: DecodingState) -> int | None:
@@ -355,14 +408,14 @@ class TestTimeTrainer:
         """
         if not self.acceleration.reuse_rollout_gradient:
             if charge == "selector":
-                self.meter.update("selector_passes")
+                state.meter.update("selector_passes")
             return self._objective(state, position, charge).evaluate(self._lookahead(state, position))
         if state.rollout_gradient is None:
             start = state.cursor
             value = self._objective(state, start, charge).evaluate(self._lookahead(state, start))
             state.rollout_gradient = (start, value)
             if charge == "selector":
-                self.meter.update("selector_passes")
+                state.meter.update("selector_passes")
         start, value = state.rollout_gradient
         return replace(value, grad=value.grad[position - start :])
 
@@ -383,21 +436,21 @@ class TestTimeTrainer:
             self._reward_context(state, committed) if self.optimizer.reward_weight else None,
             reward_weight=self.optimizer.reward_weight,
             likelihood_weight=self.optimizer.likelihood_weight,
-            meter=self.meter,
+            meter=state.meter,
             charge="selector" if charge == "selector" else "dto",
         )
 
     def _reward_context(self, state: DecodingState, committed: list[int]) -> RewardContext:
         assert self.reward is not None
         if not self.acceleration.prefix_cache:
-            return self.reward.context(state.prompt, committed, use_cache=False, meter=self.meter)
+            return self.reward.context(state.prompt, committed, use_cache=False, meter=state.meter)
         if state.reward_context is None:
-            state.reward_context = self.reward.context(state.prompt, committed, use_cache=True, meter=self.meter)
+            state.reward_context = self.reward.context(state.prompt, committed, use_cache=True, meter=state.meter)
         else:
             known = len(state.reward_context.committed)
             if state.reward_context.committed.tolist() != committed[:known]:
                 raise RuntimeError("committed tokens changed under the reward model's prefix cache")
-            state.reward_context = self.reward.extend(state.reward_context, committed[known:], meter=self.meter)
+            state.reward_context = self.reward.extend(state.reward_context, committed[known:], meter=state.meter)
         return state.reward_context
 
     def _optimise(self, state: DecodingState, position: int) -> DTOResult:
@@ -434,28 +487,25 @@ class TestTimeTrainer:
         if fresh:  # the first step's gradient was computed for this run: a full step, not a cached one
             result.grad_steps += 1
             result.cached_steps -= 1
-        self.meter.update("dto_runs")
-        self.meter.update("grad_steps", result.grad_steps)
-        self.meter.update("cached_steps", result.cached_steps)
+        state.meter.update("dto_runs")
+        state.meter.update("grad_steps", result.grad_steps)
+        state.meter.update("cached_steps", result.cached_steps)
         return result
 
     # ------------------------------------------------------------------ end
-    def _finish(
-        self, state: DecodingState, revisions: list[Revision], runs: list[DTORun], seed: int, started: float
-    ) -> FitResult:
+    def _finish(self, state: DecodingState, revisions: list[Revision], runs: list[DTORun], seed: int) -> FitResult:
         assert state.rollout is not None
         response = state.response
         reward = state.rollout_reward
         if self.reward is not None and reward is None:
-            reward = self._score(state.prompt, response)
-        self.meter.update("wall_time_s", time.perf_counter() - started)
+            reward = self._score(state, response)
         return FitResult(
             prompt=state.prompt,
             text=self.policy.decode(response),
             token_ids=response,
             reward=reward,
             finish_reason=state.rollout.finish_reason,
-            stats=self.meter.snapshot(),
+            stats=state.meter.snapshot(),
             revisions=revisions,
             dto_runs=runs,
             seed=seed,

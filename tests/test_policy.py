@@ -74,12 +74,23 @@ def test_rollout_logits_match_a_full_forward_and_latents_reproduce_them(policy):
 
 
 def test_batched_generation_matches_one_at_a_time(policy):
+    # Rows end at different times (frequent EOS words): a finished row must not draw from its generator.
+    stopping = Policy(policy.model, policy.tokenizer, eos_token_ids=[policy.tokenizer.convert_tokens_to_ids(w)
+                                                                    for w in ("2", "so", "the", "is", "3")])
     prompts = [policy.encode(PROMPT), policy.encode("what is 7 minus 2 ?"), policy.encode("so")]
     config = SamplingConfig(temperature=0.8, top_p=0.95)
-    batched = policy.generate(prompts, config, [torch.Generator().manual_seed(s) for s in range(3)], 12)
+    batched = stopping.generate(prompts, config, [torch.Generator().manual_seed(s) for s in range(3)], 12)
+    assert len({len(r) for r in batched}) > 1
     for seed, prompt in enumerate(prompts):
-        alone = policy.generate([prompt], config, [torch.Generator().manual_seed(seed)], 12)[0]
+        generator = torch.Generator().manual_seed(seed)
+        alone = stopping.generate([prompt], config, [generator], 12)[0]
         assert alone.token_ids == batched[seed].token_ids
+    generators = [torch.Generator().manual_seed(s) for s in range(3)]
+    stopping.generate(prompts, config, generators, 12)
+    for seed, (prompt, generator) in enumerate(zip(prompts, generators)):
+        single = torch.Generator().manual_seed(seed)
+        stopping.generate([prompt], config, [single], 12)
+        assert torch.equal(generator.get_state(), single.get_state())
 
 
 def test_generation_stops_at_eos_stop_strings_and_length(policy):
