@@ -246,8 +246,8 @@ class Policy:
         mask = torch.cat([mask, torch.ones((batch, 1), dtype=torch.long, device=self.device)], dim=-1)
 
         outputs: list[list[int]] = [[] for _ in range(batch)]
-        logits_rows: list[list[Tensor]] = [[] for _ in range(batch)]
-        hidden_rows: list[list[Tensor]] = [[] for _ in range(batch)]
+        step_logits_seen: list[Tensor] = []  # (B, V) per step; row b's logits are its first len(outputs[b]) steps
+        step_hidden_seen: list[Tensor] = []
         finish = [""] * batch
         next_input = torch.stack([c[-1:] for c in contexts])
         eos = self.eos_token_ids
@@ -267,12 +267,12 @@ class Policy:
             step_logits = out.logits[:, -1, :].float()
             # only unfinished rows draw: a row's generator advances exactly as it would alone
             tokens = sample_tokens(step_logits[active], sampling, [generators[b] for b in active])
+            if record_logits:
+                step_logits_seen.append(step_logits)
+            if record_hidden:
+                step_hidden_seen.append(out.hidden_states[-1][:, -1].float())
             for b, token in zip(active, tokens.tolist()):
                 outputs[b].append(token)
-                if record_logits:
-                    logits_rows[b].append(step_logits[b])
-                if record_hidden:
-                    hidden_rows[b].append(out.hidden_states[-1][b, -1].float())
                 finish[b] = self._finish_reason(outputs[b], token, eos, stop_strings, budgets[b])
             if all(finish):
                 break
@@ -281,13 +281,15 @@ class Policy:
             next_input[finished_rows] = self._pad_id()
             mask = torch.cat([mask, (~finished_rows).long().unsqueeze(-1)], dim=-1)
 
+        all_logits = torch.stack(step_logits_seen, dim=1) if record_logits else None
+        all_hidden = torch.stack(step_hidden_seen, dim=1) if record_hidden else None
         return [
             Rollout(
                 token_ids=outputs[b],
                 finish_reason=finish[b],
                 context_length=len(contexts[b]),
-                logits=torch.stack(logits_rows[b]) if record_logits else None,
-                hidden=torch.stack(hidden_rows[b]) if record_hidden else None,
+                logits=all_logits[b, : len(outputs[b])].clone() if all_logits is not None else None,
+                hidden=all_hidden[b, : len(outputs[b])].clone() if all_hidden is not None else None,
                 cache=self._row_cache(cache, b, pads[b], len(contexts[b]) + len(outputs[b]) - 1, batch)
                 if keep_cache
                 else None,
