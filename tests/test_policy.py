@@ -123,3 +123,22 @@ def test_from_pretrained_loads_a_saved_folder(saved_models):
     loaded = Policy.from_pretrained(str(policy_dir))
     assert loaded.vocab_size > 10 and loaded.use_chat_template
     assert not any(p.requires_grad for p in loaded.model.parameters())
+
+
+def test_a_peft_adapter_on_the_policy_works_like_the_plain_model(tokenizer):
+    from peft import LoraConfig, get_peft_model
+
+    from nabla.tiny import tiny_causal_lm
+
+    base = tiny_causal_lm(tokenizer, seed=5)
+    wrapped = Policy(get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj", "v_proj"])), tokenizer)
+    plain = Policy(tiny_causal_lm(tokenizer, seed=5), tokenizer)
+    prompt = plain.encode(PROMPT)
+    tokens = torch.tensor([12, 9, 30])
+    ll_plain, _ = _soft_ll_and_grad(plain, prompt, tokens, use_cache=True)
+    ll_wrapped, grad = _soft_ll_and_grad(wrapped, prompt, tokens, use_cache=True)
+    torch.testing.assert_close(ll_wrapped, ll_plain)  # LoRA starts as the identity (B = 0)
+    assert grad.abs().sum() > 0
+    config = SamplingConfig(temperature=0.7)
+    rollout = wrapped.generate([prompt], config, [torch.Generator().manual_seed(1)], 6)[0]
+    assert rollout.token_ids == plain.generate([prompt], config, [torch.Generator().manual_seed(1)], 6)[0].token_ids
