@@ -45,8 +45,9 @@ def build_inputs(policy, prefix_tokens: int, lookahead: int, seed: int) -> tuple
 def time_run(policy, reward, prompt, prompt_ids, anchors, steps: int, cached: bool) -> tuple[float, torch.Tensor]:
     cache = policy.prefix_cache(prompt_ids) if cached else None
     context = reward.context(prompt, [], use_cache=cached)
-    objective = DTOObjective(policy, reward, LMPrefix(prompt_ids, cache), context,
-                             reward_weight=1.0, likelihood_weight=1e-3)
+    objective = DTOObjective(
+        policy, reward, LMPrefix(prompt_ids, cache), context, reward_weight=1.0, likelihood_weight=1e-3
+    )
     logits = torch.zeros(1, policy.vocab_size)
     optimizer = LatentOptimizer(steps=steps, gradient_caching=False)
     with timer() as elapsed:
@@ -76,10 +77,19 @@ def main() -> None:
         slow, slow_logits = time_run(policy, reward, prompt, prompt_ids, anchors, args.steps, cached=False)
         fast, fast_logits = time_run(policy, reward, prompt, prompt_ids, anchors, args.steps, cached=True)
         same = bool(torch.allclose(slow_logits, fast_logits, atol=1e-4))
-        rows.append({"prefix": len(prompt_ids), "lookahead": lookahead, "reencode_s": slow, "cached_s": fast,
-                     "speedup": slow / fast, "same_logits": same})
-        table.add_row(str(len(prompt_ids)), str(lookahead), f"{slow:.2f}", f"{fast:.2f}", f"{slow / fast:.2f}x",
-                      str(same))
+        rows.append(
+            {
+                "prefix": len(prompt_ids),
+                "lookahead": lookahead,
+                "reencode_s": slow,
+                "cached_s": fast,
+                "speedup": slow / fast,
+                "same_logits": same,
+            }
+        )
+        table.add_row(
+            str(len(prompt_ids)), str(lookahead), f"{slow:.2f}", f"{fast:.2f}", f"{slow / fast:.2f}x", str(same)
+        )
     Console().print(table)
     if args.json:
         with open(args.json, "w") as handle:

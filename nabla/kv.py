@@ -9,6 +9,7 @@ new tensors, so a view is never modified and the stored prefix stays out of ever
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -93,6 +94,34 @@ def stack_left_padded(caches: list[Cache], lengths: list[int], device: torch.dev
         merged.keys, merged.values = torch.cat(keys), torch.cat(values)
         layers.append(merged)
     return _cache_from_layers(layers), mask
+
+
+def forward_after_prefixes(
+    forward: Callable[..., Tensor], rows: list[tuple[Cache | None, int, Tensor]], device: torch.device
+) -> list[Tensor]:
+    """Run ``forward`` once over several rows, each ``(cache, cached_length, inputs_embeds)``: new positions
+    (``(n_b, d)``) after the first ``cached_length`` positions of that row's own cache (or after nothing).
+
+    One row runs exactly as it would alone (no padding). Several rows run as one batch: their prefix states are
+    stacked left-padded, their new positions right-padded, and each row's outputs (``(n_b, ...)``) are returned.
+    ``forward(inputs_embeds=, attention_mask=, position_ids=, cache=)`` returns per-position outputs.
+    """
+    if len(rows) == 1:
+        cache, start, inputs = rows[0]
+        view = prefix_view(cache, start) if cache is not None else None
+        positions = torch.arange(start, start + inputs.shape[0], device=device)[None]
+        return [forward(inputs_embeds=inputs[None], attention_mask=None, position_ids=positions, cache=view)[0]]
+    if any(cache is None for cache, _, _ in rows):
+        return [out for row in rows for out in forward_after_prefixes(forward, [row], device)]
+    lengths = [start for _, start, _ in rows]
+    cache, prefix_mask = stack_left_padded([c for c, _, _ in rows], lengths, device)
+    widths = [inputs.shape[0] for _, _, inputs in rows]
+    inputs = torch.nn.utils.rnn.pad_sequence([x for _, _, x in rows], batch_first=True)
+    new_mask = (torch.arange(max(widths), device=device)[None] < torch.tensor(widths, device=device)[:, None]).long()
+    positions = torch.tensor(lengths, device=device)[:, None] + torch.arange(max(widths), device=device)[None]
+    mask = torch.cat([prefix_mask, new_mask], dim=-1)
+    out = forward(inputs_embeds=inputs, attention_mask=mask, position_ids=positions, cache=cache)
+    return [out[b, :width] for b, width in enumerate(widths)]
 
 
 def soft_embed(embedding: torch.nn.Module, weights: Tensor) -> Tensor:

@@ -17,7 +17,7 @@ computed once and reused (exact *gradient caching*) until a forward token change
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Literal
 
@@ -74,22 +74,39 @@ class DTOObjective:
         self.meter, self.charge = meter, charge
 
     def evaluate(self, tokens: Tensor) -> ObjectiveValue:
-        y = torch.nn.functional.one_hot(tokens, self.policy.vocab_size).float().requires_grad_(True)
-        loss = torch.zeros((), device=y.device)
-        log_likelihood = reward = None
-        if self.likelihood_weight:
-            ll = self.policy.soft_log_likelihood(y, self.lm_prefix).sum()
-            loss = loss - self.likelihood_weight * ll
-            log_likelihood = float(ll.detach())
-            self._charge("lm", self._lm_tokens(len(tokens)), len(tokens) - 1)
-        if self.reward_weight:
-            assert self.reward is not None and self.reward_context is not None
-            r = self.reward.score_soft(y, self.reward_context)
-            loss = loss - self.reward_weight * r.to(loss.device)
-            reward = float(r.detach())
-            self._charge("rm", self._rm_tokens(len(tokens)), len(tokens))
-        grad = torch.autograd.grad(loss, y)[0] if loss.requires_grad else torch.zeros_like(y)
-        return ObjectiveValue(float(loss.detach()), log_likelihood, reward, grad.detach().float())
+        """The loss at the hard look-ahead ``tokens`` (``(T,)``) and ``∂L/∂y`` there."""
+        return DTOObjective.evaluate_batch([self], [tokens])[0]
+
+    @staticmethod
+    def evaluate_batch(objectives: Sequence[DTOObjective], tokens: Sequence[Tensor]) -> list[ObjectiveValue]:
+        """:meth:`evaluate` of several objectives (same policy, reward and weights) with one batched forward and
+        backward per model. Rows do not interact, so each row's gradient is its own objective's."""
+        first = objectives[0]
+        policy, reward = first.policy, first.reward
+        ys = [torch.nn.functional.one_hot(t, policy.vocab_size).float().requires_grad_(True) for t in tokens]
+        losses = [torch.zeros((), device=y.device) for y in ys]
+        likelihoods: list[float | None] = [None] * len(ys)
+        rewards: list[float | None] = [None] * len(ys)
+        if first.likelihood_weight:
+            lls = policy.soft_log_likelihoods(ys, [o.lm_prefix for o in objectives])
+            for b, (objective, ll) in enumerate(zip(objectives, lls)):
+                total = ll.sum()
+                losses[b] = losses[b] - objective.likelihood_weight * total
+                likelihoods[b] = float(total.detach())
+                objective._charge("lm", objective._lm_tokens(len(tokens[b])), len(tokens[b]) - 1)
+        if first.reward_weight:
+            assert reward is not None
+            scores = reward.score_soft_batch(ys, [o.reward_context for o in objectives])  # type: ignore[misc]
+            for b, (objective, score) in enumerate(zip(objectives, scores)):
+                losses[b] = losses[b] - objective.reward_weight * score.to(losses[b].device)
+                rewards[b] = float(score.detach())
+                objective._charge("rm", objective._rm_tokens(len(tokens[b])), len(tokens[b]))
+        total = torch.stack(losses).sum()
+        grads = torch.autograd.grad(total, ys) if total.requires_grad else [torch.zeros_like(y) for y in ys]
+        return [
+            ObjectiveValue(float(loss.detach()), ll, r, grad.detach().float())
+            for loss, ll, r, grad in zip(losses, likelihoods, rewards, grads)
+        ]
 
     def _lm_tokens(self, lookahead: int) -> int:
         cached = self.lm_prefix.cache is not None
@@ -219,6 +236,26 @@ class LatentOptimizer:
             head: latents → logits (required in latents space).
             initial: the objective at ``anchors`` when it is already known (from the selection pass).
         """
+        loop = self.iterate(variable, anchors, head=head, generator=generator, initial=initial, on_step=on_step)
+        try:
+            tokens = next(loop)
+            while True:
+                tokens = loop.send(evaluate(tokens))
+        except StopIteration as stop:
+            return stop.value
+
+    def iterate(
+        self,
+        variable: Tensor,
+        anchors: Tensor,
+        *,
+        head: Callable[[Tensor], Tensor] | None = None,
+        generator: torch.Generator | None = None,
+        initial: ObjectiveValue | None = None,
+        on_step: Callable[[StepRecord], None] | None = None,
+    ) -> Generator[Tensor, ObjectiveValue, DTOResult]:
+        """:meth:`run` as a coroutine: it yields each hard look-ahead it needs the objective at and is sent the
+        :class:`ObjectiveValue` back (so that the objectives of several prompts can be evaluated as one batch)."""
         if self.space == "latents" and head is None:
             raise ConfigurationError("latents space needs the policy's LM head")
         to_logits = head if self.space == "latents" else (lambda v: v)
@@ -243,7 +280,7 @@ class LatentOptimizer:
                 value = cached
                 result.cached_steps += 1
             else:
-                value = evaluate(tokens)
+                value = yield tokens
                 result.grad_steps += 1
                 if self.gradient_caching:
                     cached, cached_tokens = value, tokens

@@ -15,7 +15,14 @@ from transformers.cache_utils import Cache, DynamicCache
 
 from nabla.cost import CostMeter, forward_flops, matmul_parameters
 from nabla.errors import ConfigurationError, ModelNotFoundError, PromptError
-from nabla.kv import cache_length, prefix_view, select_batch_row, soft_embed, stack_left_padded
+from nabla.kv import (
+    cache_length,
+    forward_after_prefixes,
+    prefix_view,
+    select_batch_row,
+    soft_embed,
+    stack_left_padded,
+)
 from nabla.sampler import SamplingConfig, sample_tokens
 
 
@@ -389,21 +396,25 @@ class Policy:
         ``y`` (``(T, V)``) holds straight-through one-hots (or any soft rows); gradients flow to ``y`` both through
         the embeddings fed to the model and through the weights of the log-probabilities.
         """
+        return self.soft_log_likelihoods([y], [prefix])[0]
+
+    def soft_log_likelihoods(self, ys: Sequence[Tensor], prefixes: Sequence[LMPrefix]) -> list[Tensor]:
+        """:meth:`soft_log_likelihood` of several look-aheads (each after its own prefix) in one batched pass."""
         embedding = self.model.get_input_embeddings()
-        soft = soft_embed(embedding, y[:-1])
-        if prefix.cache is not None:
-            context = embedding(prefix.ids[-1:])
-            inputs = torch.cat([context, soft], dim=0)
-            start = len(prefix.ids) - 1
-            cache: Cache | None = prefix_view(prefix.cache, start)
-        else:
-            context = embedding(prefix.ids)
-            inputs = torch.cat([context, soft], dim=0)
-            start, cache = 0, None
-        positions = torch.arange(start, start + inputs.shape[0], device=self.device)[None]
-        out = self.model(inputs_embeds=inputs[None], position_ids=positions, cache=cache, use_cache=cache is not None)
-        logits = out.logits[0, -y.shape[0] :].float()
-        return (y * torch.log_softmax(logits, dim=-1)).sum(-1)
+        rows = []
+        for y, prefix in zip(ys, prefixes):
+            soft = soft_embed(embedding, y[:-1])
+            if prefix.cache is not None:
+                rows.append((prefix.cache, len(prefix.ids) - 1, torch.cat([embedding(prefix.ids[-1:]), soft])))
+            else:
+                rows.append((None, 0, torch.cat([embedding(prefix.ids), soft])))
+
+        def logits(**inputs: Any) -> Tensor:
+            cache = inputs.pop("cache")
+            return self.model(**inputs, cache=cache, use_cache=cache is not None).logits
+
+        outputs = forward_after_prefixes(logits, rows, self.device)
+        return [(y * torch.log_softmax(out[-y.shape[0] :].float(), dim=-1)).sum(-1) for y, out in zip(ys, outputs)]
 
     def forward_flops(self, tokens: int, soft_tokens: int = 0) -> float:
         """Forward FLOPs over ``tokens`` positions, ``soft_tokens`` of them embedded as a ``V x d`` product."""

@@ -16,7 +16,7 @@ from transformers.cache_utils import Cache, DynamicCache
 
 from nabla.cost import CostMeter, forward_flops, matmul_parameters
 from nabla.errors import ConfigurationError, RewardNotDifferentiableError, VocabularyMismatchError
-from nabla.kv import cache_length, prefix_view, soft_embed
+from nabla.kv import cache_length, forward_after_prefixes, soft_embed
 from nabla.policy import load_pretrained, resolve_dtype
 
 if TYPE_CHECKING:
@@ -74,6 +74,10 @@ class RewardModel(ABC):
 
     def score_soft(self, y: Tensor, context: RewardContext, meter: CostMeter | None = None) -> Tensor:
         raise RewardNotDifferentiableError(f"{type(self).__name__} has no gradient")
+
+    def score_soft_batch(self, ys: Sequence[Tensor], contexts: Sequence[RewardContext]) -> Tensor:
+        """:meth:`score_soft` of several look-aheads (``(B,)``); subclasses may batch the passes."""
+        return torch.stack([self.score_soft(y, context) for y, context in zip(ys, contexts)])
 
     @staticmethod
     def from_pretrained(name_or_path: str, **kwargs: Any) -> SequenceClassifierReward:
@@ -301,20 +305,25 @@ class TransformerReward(RewardModel):
 
     def score_soft(self, y: Tensor, context: RewardContext, meter: CostMeter | None = None) -> Tensor:
         """Reward of ``opening ⊕ committed ⊕ y ⊕ closing`` for soft rows ``y`` over the policy's vocabulary."""
+        return self.score_soft_batch([y], [context])[0]
+
+    def score_soft_batch(self, ys: Sequence[Tensor], contexts: Sequence[RewardContext]) -> Tensor:
         embedding = self.model.get_input_embeddings()
-        rows = self._aligned().map_weights(y, embedding.weight.shape[0])
-        soft = soft_embed(embedding, rows)
-        closing = embedding(context.closing)
-        if context.cache is not None:
-            start = len(context.opening) + len(context.committed)
-            inputs = torch.cat([soft, closing], dim=0)
-            cache: Cache | None = prefix_view(context.cache, start)
-        else:
-            start, cache = 0, None
-            inputs = torch.cat([embedding(self._fixed_ids(context)), soft, closing], dim=0)
-        positions = torch.arange(start, start + inputs.shape[0], device=self.device)[None]
-        out = self.body()(inputs_embeds=inputs[None], position_ids=positions, cache=cache, use_cache=cache is not None)
-        return self.head(out.last_hidden_state[:, -1])[0].float()
+        rows = []
+        for y, context in zip(ys, contexts):
+            soft = soft_embed(embedding, self._aligned().map_weights(y, embedding.weight.shape[0]))
+            tail = torch.cat([soft, embedding(context.closing)])
+            if context.cache is not None:
+                rows.append((context.cache, len(context.opening) + len(context.committed), tail))
+            else:
+                rows.append((None, 0, torch.cat([embedding(self._fixed_ids(context)), tail])))
+
+        def hidden(**inputs: Any) -> Tensor:
+            cache = inputs.pop("cache")
+            return self.body()(**inputs, cache=cache, use_cache=cache is not None).last_hidden_state
+
+        last = torch.stack([out[-1] for out in forward_after_prefixes(hidden, rows, self.device)])
+        return self.head(last).float()
 
     def forward_flops(self, tokens: int, soft_tokens: int = 0) -> float:
         table = self.model.get_input_embeddings().weight.numel()

@@ -62,6 +62,17 @@ class RolloutRequest:
 
 
 @dataclass
+class GradientRequest:
+    """An objective evaluation the loop of one prompt needs: ``objective`` at the hard look-ahead ``tokens``."""
+
+    objective: DTOObjective
+    tokens: Tensor
+
+
+Request = RolloutRequest | GradientRequest
+
+
+@dataclass
 class Revision:
     """A token that DTO and resampling changed, and what the acceptance test made of it."""
 
@@ -245,14 +256,12 @@ class TestTimeTrainer:
             for prompt, seed in zip(prompts, seeds)
         ]
         loops = {i: self._decode(state, seed) for i, (state, seed) in enumerate(zip(states, seeds))}
-        requests = {i: next(loop) for i, loop in loops.items()}
+        requests: dict[int, Request] = {i: next(loop) for i, loop in loops.items()}
         results: dict[int, FitResult] = {}
         while requests:
-            order = sorted(requests)
-            rollouts = self._generate([states[i] for i in order], [requests[i] for i in order])
-            for i, rollout in zip(order, rollouts):
+            for i, answer in self._serve(states, requests).items():
                 try:
-                    requests[i] = loops[i].send(rollout)
+                    requests[i] = loops[i].send(answer)
                 except StopIteration as stop:
                     results[i] = stop.value
                     del requests[i]
@@ -264,7 +273,7 @@ class TestTimeTrainer:
         self.meter = states[-1].meter
         return [results[i] for i in range(len(prompts))]
 
-    def _decode(self, state: DecodingState, seed: int) -> Generator[RolloutRequest, Rollout, FitResult]:
+    def _decode(self, state: DecodingState, seed: int) -> Generator[Request, Any, FitResult]:
         """The loop of one prompt, as a coroutine that yields each rollout it needs (so rollouts of several
         prompts can run as one batch) and returns the result."""
         first = yield RolloutRequest(state.prompt_ids, self.sampler.max_new_tokens, None)
@@ -275,7 +284,7 @@ class TestTimeTrainer:
         runs: list[DTORun] = []
         assert state.rollout is not None
         while state.cursor < len(state.rollout) and state.meter.snapshot()["rollouts"] < self.sampler.max_rollouts:
-            position = self._select(state)
+            position = yield from self._select(state)
             if position is None:
                 break
             state.cursor = position
@@ -286,12 +295,10 @@ class TestTimeTrainer:
         state.cursor = len(state.rollout)
         return self._finish(state, revisions, runs, seed)
 
-    def _revise(
-        self, state: DecodingState, position: int
-    ) -> Generator[RolloutRequest, Rollout, tuple[DTORun, Revision | None]]:
+    def _revise(self, state: DecodingState, position: int) -> Generator[Request, Any, tuple[DTORun, Revision | None]]:
         """DTO at ``position``, resample, and (for a new token) propose and test a new rollout."""
         assert state.rollout is not None
-        dto = self._optimise(state, position)
+        dto = yield from self._optimise(state, position)
         token = int(sample_tokens(dto.logits[:1], self.sampler.resample, [state.generator])[0])
         original = state.rollout.token_ids[position]
         run = DTORun(
@@ -334,6 +341,21 @@ class TestTimeTrainer:
             self._hook("on_reject", state, revision)
         return run, revision
 
+    def _serve(self, states: list[DecodingState], requests: dict[int, Request]) -> dict[int, Any]:
+        """Answer every pending request: all rollouts as one batched generation, all objective evaluations as
+        one batched forward/backward per model."""
+        answers: dict[int, Any] = {}
+        rollouts = [i for i in sorted(requests) if isinstance(requests[i], RolloutRequest)]
+        gradients = [i for i in sorted(requests) if isinstance(requests[i], GradientRequest)]
+        if rollouts:
+            done = self._generate([states[i] for i in rollouts], [requests[i] for i in rollouts])  # type: ignore[misc]
+            answers.update(zip(rollouts, done))
+        if gradients:
+            pending: list[GradientRequest] = [requests[i] for i in gradients]  # type: ignore[misc]
+            values = DTOObjective.evaluate_batch([r.objective for r in pending], [r.tokens for r in pending])
+            answers.update(zip(gradients, values))
+        return answers
+
     # ------------------------------------------------------------------ rollouts
     def _generate(self, states: list[DecodingState], requests: list[RolloutRequest]) -> list[Rollout]:
         """Every pending rollout of a batch of prompts in one batched generation, each with its own generator."""
@@ -353,9 +375,7 @@ class TestTimeTrainer:
             state.meter.update("rollouts")
         return rollouts
 
-    def _propose(
-        self, state: DecodingState, committed: list[int], token: int
-    ) -> Generator[RolloutRequest, Rollout, Rollout]:
+    def _propose(self, state: DecodingState, committed: list[int], token: int) -> Generator[Request, Any, Rollout]:
         """The policy's continuation after ``committed ⊕ token``."""
         assert state.rollout is not None
         context = torch.cat([state.prompt_ids, torch.tensor(committed + [token], device=state.prompt_ids.device)])
@@ -386,7 +406,7 @@ class TestTimeTrainer:
         return float(self.reward.score([state.prompt], [text], [response], meter=state.meter)[0])
 
     # ------------------------------------------------------------------ token selection
-    def _select(self, state: DecodingState) -> int | None:
+    def _select(self, state: DecodingState) -> Generator[Request, Any, int | None]:
         """The first look-ahead position at or after the cursor that qualifies for optimisation."""
         assert state.rollout is not None and state.rollout.logits is not None
         selection = self.sampler.selection
@@ -395,27 +415,26 @@ class TestTimeTrainer:
             position = state.cursor + offset
             if not selection.needs_gradient:
                 return position
-            norm = float(self._gradient_at(state, position, charge="selector").grad[0].norm())
-            if selection.passes_gradient(norm):
+            value = yield from self._gradient_at(state, position, charge="selector")
+            if selection.passes_gradient(float(value.grad[0].norm())):
                 return position
         return None
 
-    def _gradient_at(self, state: DecodingState, position: int, charge: str) -> ObjectiveValue:
+    def _gradient_at(self, state: DecodingState, position: int, charge: str) -> Generator[Request, Any, ObjectiveValue]:
         """``∂L/∂y`` of the look-ahead from ``position`` on, its row 0 at ``position``.
 
         With gradient reuse one pass per rollout (from the cursor at first need) serves every later position;
         otherwise each call is a fresh pass.
         """
+        if charge == "selector" and (not self.acceleration.reuse_rollout_gradient or state.rollout_gradient is None):
+            state.meter.update("selector_passes")
         if not self.acceleration.reuse_rollout_gradient:
-            if charge == "selector":
-                state.meter.update("selector_passes")
-            return self._objective(state, position, charge).evaluate(self._lookahead(state, position))
+            objective = self._objective(state, position, charge)
+            return (yield GradientRequest(objective, self._lookahead(state, position)))
         if state.rollout_gradient is None:
             start = state.cursor
-            value = self._objective(state, start, charge).evaluate(self._lookahead(state, start))
-            state.rollout_gradient = (start, value)
-            if charge == "selector":
-                state.meter.update("selector_passes")
+            objective = self._objective(state, start, charge)
+            state.rollout_gradient = (start, (yield GradientRequest(objective, self._lookahead(state, start))))
         start, value = state.rollout_gradient
         return replace(value, grad=value.grad[position - start :])
 
@@ -453,7 +472,7 @@ class TestTimeTrainer:
             state.reward_context = self.reward.extend(state.reward_context, committed[known:], meter=state.meter)
         return state.reward_context
 
-    def _optimise(self, state: DecodingState, position: int) -> DTOResult:
+    def _optimise(self, state: DecodingState, position: int) -> Generator[Request, Any, DTOResult]:
         assert state.rollout is not None and state.rollout.logits is not None
         anchors = self._lookahead(state, position)
         rows = 1 if self.optimizer.update == "first" else len(anchors)
@@ -466,17 +485,8 @@ class TestTimeTrainer:
         fresh = False
         if self.acceleration.reuse_rollout_gradient and self.optimizer.gradient_caching:
             fresh = state.rollout_gradient is None
-            initial = self._gradient_at(state, position, charge="dto")
-        objective: DTOObjective | None = None
-
-        def evaluate(tokens: Tensor) -> ObjectiveValue:
-            nonlocal objective
-            if objective is None:
-                objective = self._objective(state, position)
-            return objective.evaluate(tokens)
-
-        result = self.optimizer.run(
-            evaluate,
+            initial = yield from self._gradient_at(state, position, charge="dto")
+        steps = self.optimizer.iterate(
             variable,
             anchors,
             head=self.policy.head_logits,
@@ -484,6 +494,14 @@ class TestTimeTrainer:
             initial=initial,
             on_step=lambda record: self._hook("on_dto_step", state, record),
         )
+        objective: DTOObjective | None = None
+        try:
+            tokens = next(steps)
+            while True:
+                objective = objective or self._objective(state, position)
+                tokens = steps.send((yield GradientRequest(objective, tokens)))
+        except StopIteration as stop:
+            result: DTOResult = stop.value
         if fresh:  # the first step's gradient was computed for this run: a full step, not a cached one
             result.grad_steps += 1
             result.cached_steps -= 1

@@ -7,8 +7,10 @@ import os
 import pytest
 import torch
 
+from nabla.reward import RewardModel
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+torch.set_num_threads(1)  # tiny models: one intra-op thread is fastest, and safe on a busy 2-core machine
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -56,10 +58,20 @@ def saved_models(tmp_path_factory):
     return save_tiny_models(tmp_path_factory.mktemp("tiny"))
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test: tiny models run fastest so, and two threads crawl on a busy 2-core machine
+    (use with ``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 PROMPT = "what is 2 plus 3 ?"
 
 
-class TokenBonusReward:
+class TokenBonusReward(RewardModel):
     """A differentiable reward without a model: ``bonus`` per occurrence of ``token`` in the response.
 
     Its soft score is ``bonus * Σ_i y_i[token]``, so DTO's reward gradient points straight at ``token``.

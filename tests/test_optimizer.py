@@ -134,3 +134,31 @@ def test_bf16_models_keep_the_optimised_variable_in_fp32(policy, reward):
 def test_bad_optimizer_settings_raise_configuration_errors(settings, match):
     with pytest.raises(ConfigurationError, match=match):
         LatentOptimizer(**settings)
+
+
+def test_batched_objective_evaluation_equals_one_at_a_time(policy, reward):
+    prompts = [PROMPT, "what is 7 minus 2 ?"]
+    objectives, anchors = [], []
+    for seed, prompt in enumerate(prompts):
+        ids = policy.encode(prompt)
+        rollout = policy.generate(
+            [ids],
+            SamplingConfig(0.6),
+            [torch.Generator().manual_seed(seed)],
+            5 + 2 * seed,
+            record_logits=True,
+            keep_cache=True,
+        )[0]
+        context = reward.context(prompt, [], use_cache=True)
+        objectives.append(
+            DTOObjective(
+                policy, reward, LMPrefix(ids, rollout.cache), context, reward_weight=1.0, likelihood_weight=0.5
+            )
+        )
+        anchors.append(torch.tensor(rollout.token_ids))
+    together = DTOObjective.evaluate_batch(objectives, anchors)
+    for objective, tokens, batched in zip(objectives, anchors, together):
+        alone = objective.evaluate(tokens)
+        assert batched.loss == pytest.approx(alone.loss, abs=1e-5)
+        assert batched.reward == pytest.approx(alone.reward, abs=1e-5)
+        torch.testing.assert_close(batched.grad, alone.grad, rtol=1e-4, atol=1e-5)

@@ -75,8 +75,11 @@ def test_rollout_logits_match_a_full_forward_and_latents_reproduce_them(policy):
 
 def test_batched_generation_matches_one_at_a_time(policy):
     # Rows end at different times (frequent EOS words): a finished row must not draw from its generator.
-    stopping = Policy(policy.model, policy.tokenizer, eos_token_ids=[policy.tokenizer.convert_tokens_to_ids(w)
-                                                                    for w in ("2", "so", "the", "is", "3")])
+    stopping = Policy(
+        policy.model,
+        policy.tokenizer,
+        eos_token_ids=[policy.tokenizer.convert_tokens_to_ids(w) for w in ("2", "so", "the", "is", "3")],
+    )
     prompts = [policy.encode(PROMPT), policy.encode("what is 7 minus 2 ?"), policy.encode("so")]
     config = SamplingConfig(temperature=0.8, top_p=0.95)
     batched = stopping.generate(prompts, config, [torch.Generator().manual_seed(s) for s in range(3)], 12)
