@@ -1,0 +1,72 @@
+"""Model configurations of the world: a small ``LlamaForCausalLM`` policy and a ``LlamaForSequenceClassification``
+reward model over the same vocabulary, both plain Hugging Face models saved with ``save_pretrained``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification, PreTrainedTokenizerBase
+
+
+@dataclass
+class ModelSize:
+    """Size of a Llama model (defaults: 0.16M parameters, trains on one CPU core in a few minutes)."""
+
+    hidden_size: int = 64
+    num_layers: int = 3
+    num_heads: int = 4
+    num_kv_heads: int = 4
+    intermediate_size: int = 192
+    max_positions: int = 128
+
+    def config(self, tokenizer: PreTrainedTokenizerBase, **extra: object) -> LlamaConfig:
+        return LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_layers,
+            num_attention_heads=self.num_heads,
+            num_key_value_heads=self.num_kv_heads,
+            max_position_embeddings=self.max_positions,
+            tie_word_embeddings=False,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=None,
+            eos_token_id=tokenizer.eos_token_id,
+            **extra,
+        )
+
+
+def new_policy(tokenizer: PreTrainedTokenizerBase, size: ModelSize, seed: int) -> LlamaForCausalLM:
+    """A freshly initialised causal LM (weights drawn from ``seed``)."""
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(size.config(tokenizer))
+
+
+def reward_from_policy(policy_dir: str | Path, seed: int, extra_layers: int = 0) -> LlamaForSequenceClassification:
+    """The reward model starts from the trained policy's body (it already reads the task), as reward models usually
+    start from the policy they judge, with a new score head and ``extra_layers`` new decoder layers on top.
+
+    The policy's last layer predicts each next token; a layer above it can compare that prediction with the token
+    that follows and flag a wrong step, and another can gather the flags at the last position, where the reward
+    is read. New layers start near the identity (small random weights on the residual stream).
+    """
+    torch.manual_seed(seed)
+    source = LlamaForCausalLM.from_pretrained(str(policy_dir), dtype=torch.float32)
+    config = LlamaConfig.from_dict(source.config.to_dict())
+    config.num_hidden_layers += extra_layers
+    config.num_labels = 1
+    config.architectures = ["LlamaForSequenceClassification"]
+    model = LlamaForSequenceClassification(config)
+    missing, unexpected = model.model.load_state_dict(source.model.state_dict(), strict=False)
+    new = {f"layers.{i}." for i in range(source.config.num_hidden_layers, config.num_hidden_layers)}
+    if unexpected or any(not any(key.startswith(prefix) for prefix in new) for key in missing):
+        raise RuntimeError(f"policy body does not fit the reward model: missing {missing}, unexpected {unexpected}")
+    return model
+
+
+def new_reward(tokenizer: PreTrainedTokenizerBase, size: ModelSize, seed: int) -> LlamaForSequenceClassification:
+    """A freshly initialised one-label classifier (for a reward model trained from scratch)."""
+    torch.manual_seed(seed)
+    return LlamaForSequenceClassification(size.config(tokenizer, num_labels=1))

@@ -1,0 +1,646 @@
+"""``nabla arithmetic``: the whole world in one command.
+
+1. Problems: the held-out splits (``test``, ``dev``, ``reward_train``, ``reward_val``, disjoint by question) are
+   written to ``output/problems/*.jsonl`` in the evaluation harness's fields.
+2. Policy: a small ``LlamaForCausalLM`` trained with ``lightning.Trainer`` on gold chains of thought from a
+   stream that excludes every held-out question; its greedy and sampled accuracy on ``dev`` are measured.
+3. Reward model: a ``LlamaForSequenceClassification`` (by default started from the policy's body) trained on the
+   policy's own samples of ``reward_train`` problems labelled by exact grading; AUC on the ``reward_val`` samples,
+   scored by the saved model through :class:`~nabla.SequenceClassifierReward` exactly as decoding scores.
+4. Comparison: :func:`nabla.eval.runner.compare` with greedy, self-consistency@N, best-of-N and ∇-Reasoner (rollout
+   budget N) for every N in ``comparison.budgets``, on the ``test`` problems: table, plot, resumable records.
+
+Each trained model is saved with ``save_pretrained`` in ``output/policy`` / ``output/reward`` with a
+``training.json`` (settings, metrics, wall time) and reused by a rerun with the same settings; a rerun with other
+settings is refused (delete the folder or pass another ``--output``). Retraining a model removes what was built
+on it (the reward model, the comparison records). ``output/report.json`` gathers every figure and the timings.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from nabla.errors import ConfigurationError, DataError
+from nabla.optimizer import LatentOptimizer
+from nabla.sampler import Sampler, SamplingConfig
+from nabla.trainer import Acceleration
+from nabla.worlds.arithmetic.models import ModelSize
+from nabla.worlds.arithmetic.task import ArithmeticTask, Problem, Splits, read_jsonl, write_jsonl
+
+SPLIT_NAMES = ("test", "dev", "reward_train", "reward_val")
+TRAINING_FILE = "training.json"
+WORLD_FILE = "world.json"
+REPORT_FILE = "report.json"
+QUESTION_TEMPLATE = "{question}"  # the prompt is the question itself: the policy was trained on exactly that
+
+
+@dataclass
+class SplitSizes:
+    """How many problems each held-out split has."""
+
+    test: int = 200
+    dev: int = 200
+    reward_train: int = 1500
+    reward_val: int = 300
+
+
+@dataclass
+class PolicyTraining:
+    """Supervised training of the policy on gold chains of thought (one pass over ``steps * batch_size`` fresh
+    problems). Fewer steps leave more mistakes: the default aims at a greedy accuracy between 30% and 70%."""
+
+    size: ModelSize = field(default_factory=ModelSize)
+    steps: int = 400
+    batch_size: int = 64
+    lr: float = 3e-3
+    weight_decay: float = 0.01
+    warmup_fraction: float = 0.05
+    val_every: int = 200
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 1:
+            raise ConfigurationError("policy.steps and policy.batch_size must be >= 1")
+
+
+@dataclass
+class RewardTraining:
+    """Training of the reward model on graded samples of the trained policy.
+
+    Args:
+        init: ``policy`` starts from the trained policy's body (a new score head and ``extra_layers`` new decoder
+            layers on top); ``scratch`` from random weights of ``size``.
+        samples_per_problem: policy samples per ``reward_train`` / ``reward_val`` problem.
+        sampling: how those samples are drawn.
+        loss: ``pairwise`` (Bradley-Terry within each problem), ``pointwise`` (binary cross-entropy) or ``both``.
+        problems_per_batch: problems per batch (each with all its samples).
+        step_weight: weight of the auxiliary per-token loss ("the response so far agrees with the gold chain";
+            0 trains on the outcome label alone).
+    """
+
+    init: Literal["policy", "scratch"] = "policy"
+    extra_layers: int = 0
+    size: ModelSize = field(default_factory=ModelSize)
+    samples_per_problem: int = 4
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(temperature=1.0, top_p=None))
+    epochs: int = 4
+    problems_per_batch: int = 16
+    lr: float = 2e-3
+    weight_decay: float = 0.01
+    warmup_fraction: float = 0.05
+    loss: Literal["pairwise", "pointwise", "both"] = "both"
+    step_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.init not in ("policy", "scratch"):
+            raise ConfigurationError(f"reward.init must be 'policy' or 'scratch' (got {self.init!r})")
+        if self.samples_per_problem < 1 or self.epochs < 1 or self.problems_per_batch < 1:
+            raise ConfigurationError("reward.samples_per_problem, epochs and problems_per_batch must be >= 1")
+        if self.loss not in ("pairwise", "pointwise", "both"):
+            raise ConfigurationError(f"reward.loss must be pairwise, pointwise or both (got {self.loss!r})")
+
+
+@dataclass
+class Comparison:
+    """The comparison run by the evaluation harness.
+
+    Args:
+        split: the problems (``test``; ``dev`` for tuning, never ``test``).
+        limit: the first ``limit`` problems of the split (default: all).
+        budgets: N of the scaling curves: samples of self-consistency / best-of-N, rollout budget of ∇-Reasoner.
+        baselines: the sampling baselines run at every budget (greedy runs once).
+        sampling: how every method draws its rollouts.
+        optimizer, sampler, acceleration: ∇-Reasoner's settings (the sampler's rollout sampling, budget and length
+            come from ``sampling``, ``budgets`` and the task).
+        num_processes: processes to shard problems across (Lightning Fabric).
+        enabled: run the comparison at all (``false``: train the models only).
+        oracle: also run the search loops with the exact grader as their reward (``output/compare_oracle``):
+            best-of-N picks a right sample whenever one exists, and ∇-Reasoner accepts a proposal only when it turns
+            a wrong answer right (its DTO then follows the likelihood alone: the grader has no gradient). It
+            measures the loops apart from the reward model's quality.
+    """
+
+    split: Literal["test", "dev"] = "test"
+    limit: int | None = None
+    budgets: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
+    baselines: list[str] = field(default_factory=lambda: ["self_consistency", "best_of_n"])
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(temperature=0.6, top_p=0.95))
+    optimizer: LatentOptimizer = field(default_factory=LatentOptimizer)
+    sampler: Sampler = field(default_factory=Sampler)
+    acceleration: Acceleration = field(default_factory=Acceleration)
+    num_processes: int = 2
+    folder: str = "compare"
+    enabled: bool = True
+    oracle: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.budgets or min(self.budgets) < 1:
+            raise ConfigurationError(f"comparison.budgets must be positive integers (got {self.budgets})")
+        from nabla.baselines import BASELINES
+
+        unknown = [name for name in self.baselines if name not in BASELINES or name == "greedy"]
+        if unknown:
+            choices = ", ".join(name for name in BASELINES if name != "greedy")
+            raise ConfigurationError(f"unknown comparison.baselines {unknown}; choose from {choices}")
+
+
+# ---------------------------------------------------------------------- the world's files
+@dataclass
+class World:
+    """The output folder of one world: its settings, problems and models."""
+
+    folder: Path
+    task: ArithmeticTask
+    splits: Splits
+    seed: int
+
+    @property
+    def policy_dir(self) -> Path:
+        return self.folder / "policy"
+
+    @property
+    def reward_dir(self) -> Path:
+        return self.folder / "reward"
+
+    def problems_path(self, split: str) -> Path:
+        return self.folder / "problems" / f"{split}.jsonl"
+
+    @property
+    def max_new_tokens(self) -> int:
+        """Room for the longest gold response and its EOS, with a margin for wrong detours."""
+        return self.task.max_response_chars + 8
+
+    @classmethod
+    def prepare(cls, folder: Path, task: ArithmeticTask, sizes: SplitSizes, seed: int) -> World:
+        """Write (or check) ``world.json`` and the problem files."""
+        settings = {"task": asdict(task), "splits": asdict(sizes), "seed": seed}
+        path = folder / WORLD_FILE
+        if path.is_file():
+            known = json.loads(path.read_text())
+            if known != settings:
+                raise DataError(
+                    f"{folder} holds a world made with other task, split or seed settings; pass another --output "
+                    "or delete the folder"
+                )
+        splits = Splits.build(task, seed, **asdict(sizes))
+        world = cls(folder, task, splits, seed)
+        for name in SPLIT_NAMES:
+            if not world.problems_path(name).is_file():
+                write_jsonl(getattr(splits, name), world.problems_path(name))
+        folder.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(settings, indent=2))
+        return world
+
+    def problems(self, split: str) -> list[Problem]:
+        return read_jsonl(self.problems_path(split))
+
+
+def _load_training(folder: Path) -> dict[str, Any] | None:
+    path = folder / TRAINING_FILE
+    if not (path.is_file() and (folder / "config.json").is_file()):
+        return None
+    return json.loads(path.read_text())
+
+
+def _reusable(folder: Path, settings: dict[str, Any], what: str) -> dict[str, Any] | None:
+    """The saved ``training.json`` when ``folder`` holds a model trained with ``settings``; refuse other ones."""
+    record = _load_training(folder)
+    if record is None:
+        return None
+    if record["settings"] != json.loads(json.dumps(settings)):
+        raise DataError(
+            f"{folder} holds a {what} trained with other settings; delete that folder to retrain it, or pass "
+            "another --output"
+        )
+    return record
+
+
+def _save_atomically(folder: Path, save) -> None:
+    """``save(staging)`` then one rename, so that a half-written folder is never taken for a trained model."""
+    staging = folder.with_name(folder.name + ".partial")
+    if staging.exists():
+        shutil.rmtree(staging)
+    save(staging)
+    if folder.exists():
+        shutil.rmtree(folder)
+    staging.rename(folder)
+
+
+def _invalidate(*paths: Path) -> None:
+    for path in paths:
+        if path.exists():
+            print(f"removing {path} (built on a model that is being retrained)")
+            shutil.rmtree(path)
+
+
+def _trainer(max_steps: int, max_epochs: int | None, val_every: int | None, folder: Path, progress: bool):
+    import lightning as L
+    from lightning.pytorch.callbacks import RichProgressBar
+    from lightning.pytorch.loggers import CSVLogger
+
+    return L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        precision="32-true",
+        max_steps=max_steps,
+        max_epochs=max_epochs,
+        val_check_interval=val_every,
+        check_val_every_n_epoch=None if val_every else 1,
+        deterministic=True,
+        logger=CSVLogger(folder, name="logs"),
+        enable_checkpointing=False,
+        enable_progress_bar=progress,
+        callbacks=[RichProgressBar()] if progress else None,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        log_every_n_steps=10,
+    )
+
+
+# ---------------------------------------------------------------------- stages
+def train_policy(world: World, settings: PolicyTraining, progress: bool = True) -> dict[str, Any]:
+    """Train, save and measure the policy, or reuse the one in ``world.policy_dir``."""
+    import lightning as L
+
+    from nabla.worlds.arithmetic.models import new_policy
+    from nabla.worlds.arithmetic.tokenizer import arithmetic_tokenizer
+    from nabla.worlds.arithmetic.training import OptimSettings, PolicyDataModule, PolicyModule
+
+    config = {"training": asdict(settings), "seed": world.seed}
+    known = _reusable(world.policy_dir, config, "policy")
+    if known is not None:
+        return known
+    _invalidate(world.reward_dir, world.folder / "compare")
+    started = time.perf_counter()
+    L.seed_everything(world.seed, workers=True, verbose=False)
+    tokenizer = arithmetic_tokenizer()
+    model = new_policy(tokenizer, settings.size, world.seed)
+    data = PolicyDataModule(
+        tokenizer,
+        world.task,
+        world.splits.held_out(),
+        world.splits.dev,
+        train_size=settings.steps * settings.batch_size,
+        batch_size=settings.batch_size,
+        seed=world.seed,
+    )
+    optim = OptimSettings(settings.lr, settings.weight_decay, settings.warmup_fraction)
+    val_every = min(settings.val_every, settings.steps)
+    trainer = _trainer(settings.steps, 1, val_every, world.folder / "policy_logs", progress)
+    trainer.fit(PolicyModule(model, optim), datamodule=data)
+    training_s = time.perf_counter() - started
+
+    def save(folder: Path) -> None:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+
+    _save_atomically(world.policy_dir, save)
+    metrics = {key: float(value) for key, value in trainer.callback_metrics.items()}
+    metrics.update(measure_policy(world, progress))
+    record = {
+        "settings": config,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "metrics": metrics,
+        "training_s": training_s,
+        "wall_time_s": time.perf_counter() - started,
+    }
+    (world.policy_dir / TRAINING_FILE).write_text(json.dumps(record, indent=2))
+    return record
+
+
+def measure_policy(world: World, progress: bool = True, rollout: SamplingConfig | None = None) -> dict[str, float]:
+    """Greedy accuracy and per-sample accuracy (4 samples at the rollout temperature) on the ``dev`` problems,
+    from the saved policy."""
+    from nabla.policy import Policy
+    from nabla.worlds.arithmetic.training import sample_policy
+
+    policy = Policy.from_pretrained(str(world.policy_dir))
+    dev = world.splits.dev
+    rollout = rollout or Comparison().sampling
+    greedy = sample_policy(
+        policy, dev, 1, SamplingConfig(temperature=0.0, top_p=None), world.seed, world.max_new_tokens
+    )
+    sampled = sample_policy(policy, dev, 4, rollout, world.seed, world.max_new_tokens)
+    by_problem: dict[str, bool] = {}
+    for sample in sampled:
+        by_problem[sample.problem_id] = by_problem.get(sample.problem_id, False) or sample.correct
+    return {
+        "dev_greedy_accuracy": sum(s.correct for s in greedy) / len(greedy),
+        "dev_sample_accuracy": sum(s.correct for s in sampled) / len(sampled),
+        "dev_pass_at_4": sum(by_problem.values()) / len(by_problem),
+    }
+
+
+def train_reward(
+    world: World, settings: RewardTraining, policy_record: dict[str, Any], progress: bool = True
+) -> dict[str, Any]:
+    """Sample the policy, grade, train, save and measure the reward model, or reuse the one in ``world.reward_dir``."""
+    import lightning as L
+
+    from nabla.policy import Policy
+    from nabla.worlds.arithmetic.models import new_reward, reward_from_policy
+    from nabla.worlds.arithmetic.training import (
+        OptimSettings,
+        RewardDataModule,
+        RewardExamples,
+        RewardModule,
+        sample_policy,
+    )
+
+    config = {"training": asdict(settings), "seed": world.seed, "policy": policy_record["settings"]}
+    known = _reusable(world.reward_dir, config, "reward model")
+    if known is not None:
+        return known
+    _invalidate(world.folder / "compare")
+    started = time.perf_counter()
+    policy = Policy.from_pretrained(str(world.policy_dir))
+    train_samples = sample_policy(
+        policy, world.splits.reward_train, settings.samples_per_problem, settings.sampling, world.seed,
+        world.max_new_tokens, description="sampling the policy (reward training problems)",
+    )  # fmt: skip
+    val_samples = sample_policy(
+        policy, world.splits.reward_val, settings.samples_per_problem, settings.sampling, world.seed + 1,
+        world.max_new_tokens, description="sampling the policy (reward validation problems)",
+    )  # fmt: skip
+    sampling_s = time.perf_counter() - started
+
+    L.seed_everything(world.seed, workers=True, verbose=False)
+    if settings.init == "policy":
+        model = reward_from_policy(world.policy_dir, world.seed + 1, settings.extra_layers)
+    else:
+        model = new_reward(policy.tokenizer, settings.size, world.seed + 1)
+    formatter = _formatter(model, policy)
+    gold = _gold_ids(world, policy) if settings.step_weight else None
+    train, val = RewardExamples(train_samples, formatter, gold), RewardExamples(val_samples, formatter, gold)
+    if train.positive_rate in (0.0, 1.0):
+        raise DataError(
+            f"every policy sample is {'wrong' if train.positive_rate == 0 else 'right'}; the reward model has "
+            "nothing to learn: train the policy for more or fewer steps"
+        )
+    data = RewardDataModule(train, val, policy.tokenizer.pad_token_id, settings.problems_per_batch, world.seed)
+    optim = OptimSettings(settings.lr, settings.weight_decay, settings.warmup_fraction)
+    module = RewardModule(model, optim, settings.loss, settings.step_weight)
+    trainer = _trainer(-1, settings.epochs, None, world.folder / "reward_logs", progress)
+    trainer.fit(module, datamodule=data)
+    training_s = time.perf_counter() - started - sampling_s
+
+    def save(folder: Path) -> None:
+        model.save_pretrained(folder)
+        policy.tokenizer.save_pretrained(folder)
+
+    _save_atomically(world.reward_dir, save)
+    _write_samples(world.folder / "reward_samples.jsonl", train_samples, val_samples)
+    metrics = {
+        "train_samples": len(train.rows),
+        "train_positive_rate": train.positive_rate,
+        "val_samples": len(val.rows),
+        "val_positive_rate": val.positive_rate,
+        **reward_quality(world.reward_dir, policy, val_samples),
+    }
+    record = {
+        "settings": config,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "metrics": metrics,
+        "sampling_s": sampling_s,
+        "training_s": training_s,
+        "wall_time_s": time.perf_counter() - started,
+    }
+    (world.reward_dir / TRAINING_FILE).write_text(json.dumps(record, indent=2))
+    return record
+
+
+def _gold_ids(world: World, policy) -> dict[str, list[int]]:
+    """Token ids of each reward problem's gold response, EOS included (what a perfect policy would generate)."""
+    problems = world.splits.reward_train + world.splits.reward_val
+    encoded = policy.tokenizer([p.solution for p in problems], add_special_tokens=False)["input_ids"]
+    eos = policy.tokenizer.eos_token_id
+    return {p.id: [*ids, eos] for p, ids in zip(problems, encoded)}
+
+
+def _formatter(model, policy):
+    """A :class:`~nabla.SequenceClassifierReward` over ``model`` bound to the policy: its ``input_ids`` formats
+    every training input as scoring will (it freezes the model; the training module unfreezes it)."""
+    from nabla.reward import SequenceClassifierReward
+
+    formatter = SequenceClassifierReward(model, policy.tokenizer)
+    formatter.bind(policy)
+    return formatter
+
+
+def reward_quality(reward_dir: Path, policy, samples) -> dict[str, float]:
+    """How well the saved reward model, scoring through ``SequenceClassifierReward.score`` as decoding does, tells
+    right from wrong samples: AUROC over all samples, and the share of (right, wrong) pairs *of the same problem*
+    that it orders correctly (ties count half) — what best-of-N and ∇-Reasoner's acceptance test rely on, and
+    which no judgement of how hard a problem looks can raise."""
+    from torchmetrics.functional.classification import binary_auroc
+
+    from nabla.reward import SequenceClassifierReward
+
+    reward = SequenceClassifierReward.from_pretrained(str(reward_dir))
+    reward.bind(policy)
+    reward.batch_size = 256
+    scores = reward.score([s.prompt for s in samples], [s.response for s in samples], [s.token_ids for s in samples])
+    labels = torch.tensor([int(s.correct) for s in samples])
+    by_problem: dict[str, list[tuple[float, bool]]] = {}
+    for sample, score in zip(samples, scores.tolist()):
+        by_problem.setdefault(sample.problem_id, []).append((score, sample.correct))
+    ordered = pairs = 0.0
+    for group in by_problem.values():
+        for right in (score for score, correct in group if correct):
+            for wrong in (score for score, correct in group if not correct):
+                pairs += 1
+                ordered += 1.0 if right > wrong else 0.5 if right == wrong else 0.0
+    return {
+        "val_auc": float(binary_auroc(scores, labels)),
+        "val_pairwise_accuracy": ordered / pairs if pairs else float("nan"),
+        "val_pairs": pairs,
+    }
+
+
+def _write_samples(path: Path, train, val) -> None:
+    with path.open("w") as handle:
+        for split, samples in (("reward_train", train), ("reward_val", val)):
+            for s in samples:
+                handle.write(json.dumps({"split": split, **asdict(s)}) + "\n")
+
+
+def comparison_methods(comparison: Comparison, max_new_tokens: int, oracle: bool = False) -> list:
+    """Greedy once; every baseline and ∇-Reasoner at every budget. ``oracle``: best-of-N and ∇-Reasoner only,
+    ∇-Reasoner's DTO on likelihood alone (the oracle reward has no gradient)."""
+    from nabla.eval.methods import MethodSpec
+
+    optimizer = replace(comparison.optimizer, reward_weight=0.0) if oracle else comparison.optimizer
+    suffix = " (oracle)" if oracle else ""
+
+    def spec(name: str, n: int = 1) -> MethodSpec:
+        label = f"{name}@{n}{suffix}" if n > 1 or name == "nabla" else f"{name}{suffix}"
+        return MethodSpec(
+            name,  # type: ignore[arg-type]
+            n=n,
+            sampling=comparison.sampling,
+            max_new_tokens=max_new_tokens,
+            optimizer=optimizer,
+            sampler=comparison.sampler,
+            acceleration=comparison.acceleration,
+            label=label,
+        )
+
+    if oracle:
+        return [spec(name, n) for n in comparison.budgets for name in ("best_of_n", "nabla")]
+    methods = [spec("greedy")]
+    for n in comparison.budgets:
+        methods += [spec(name, n) for name in comparison.baselines]
+        methods.append(spec("nabla", n))
+    return methods
+
+
+def run_comparison(world: World, comparison: Comparison, progress: bool = True) -> list:
+    from nabla.config import PolicySpec, RewardSpec
+    from nabla.eval.datasets import DatasetSpec
+    from nabla.eval.runner import compare
+
+    dataset = DatasetSpec(
+        name="jsonl",
+        path=str(world.problems_path(comparison.split)),
+        question_field="problem",
+        answer_field="answer",
+        id_field="id",
+        prompt_template=QUESTION_TEMPLATE,
+    )
+    count = comparison.limit or len(world.problems(comparison.split))
+    return compare(
+        policy=PolicySpec(name_or_path=str(world.policy_dir)),
+        reward=RewardSpec(kind="classifier", name_or_path=str(world.reward_dir)),
+        dataset=dataset,
+        methods=comparison_methods(comparison, world.max_new_tokens),
+        output=str(world.folder / comparison.folder),
+        limit=comparison.limit,
+        seed=world.seed,
+        num_processes=comparison.num_processes,
+        progress=progress,
+        title=f"arithmetic world · {comparison.split} · {count} problems · seed {world.seed}",
+    )
+
+
+def run_oracle_comparison(world: World, comparison: Comparison, progress: bool = True) -> list:
+    """The harness's solvers, records and reports with the exact grader as the reward (in-process: a grader is a
+    Python function, not a model folder that worker processes could load)."""
+    from nabla.eval.datasets import Problem as HarnessProblem
+    from nabla.eval.methods import Solver
+    from nabla.eval.metrics import summarize
+    from nabla.eval.report import plot_comparison, print_summaries, write_markdown
+    from nabla.eval.runner import RECORDS_FOLDER, RecordWriter, read_records
+    from nabla.policy import Policy
+    from nabla.reward import CallableReward
+    from nabla.worlds.arithmetic.task import is_correct
+    from nabla.worlds.arithmetic.training import progress_bar
+
+    problems = world.problems(comparison.split)[: comparison.limit]
+    answers = {p.question: p.answer for p in problems}
+    grader = CallableReward(lambda prompt, response: float(is_correct(response, answers[prompt])), name="exact")
+    policy = Policy.from_pretrained(str(world.policy_dir))
+    folder = world.folder / f"{comparison.folder}_oracle"
+    methods = comparison_methods(comparison, world.max_new_tokens, oracle=True)
+    done = {(r["method"], r["problem_id"]) for r in read_records(folder)}
+    writer = RecordWriter(folder / RECORDS_FOLDER / "rank-0.jsonl")
+    try:
+        with progress_bar() as bar:
+            task = bar.add_task("oracle comparison", total=len(methods) * len(problems), visible=progress)
+            for method in methods:
+                solver = Solver(method, policy, grader, QUESTION_TEMPLATE)
+                for p in problems:
+                    if (method.display_label, p.id) not in done:
+                        writer.write(
+                            solver.solve(HarnessProblem(p.id, p.question, str(p.answer), "arithmetic"), world.seed)
+                        )
+                    bar.update(task, advance=1)
+    finally:
+        writer.close()
+    records = read_records(folder)
+    summaries = [summarize([r for r in records if r["method"] == m.display_label]) for m in methods]
+    title = f"arithmetic world · {comparison.split} · {len(problems)} problems · exact grader as the reward"
+    print_summaries(summaries, title=title)
+    write_markdown(summaries, folder / "comparison.md", title=title)
+    plot_comparison(summaries, folder / "comparison.png", title=title)
+    return summaries
+
+
+# ---------------------------------------------------------------------- the command
+def arithmetic(
+    task: ArithmeticTask = ArithmeticTask(),  # noqa: B008 - jsonargparse reads dataclass defaults
+    splits: SplitSizes = SplitSizes(),  # noqa: B008
+    policy: PolicyTraining = PolicyTraining(),  # noqa: B008
+    reward: RewardTraining = RewardTraining(),  # noqa: B008
+    comparison: Comparison = Comparison(),  # noqa: B008
+    output: str = "runs/arithmetic",
+    seed: int = 0,
+    threads: int | None = 1,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train the arithmetic world's policy and reward model (or reuse them from ``output``) and compare greedy,
+    self-consistency, best-of-N and ∇-Reasoner on held-out problems; writes ``output/report.json``.
+
+    Args:
+        task: the generator's difficulty settings.
+        splits: sizes of the held-out problem sets.
+        policy: how the policy is trained.
+        reward: how the reward model is trained.
+        comparison: the methods, budgets and ∇-Reasoner settings of the comparison.
+        output: the folder of problems, models, records, table, plot and report; a rerun reuses what is there.
+        seed: the seed of everything (problems, initial weights, data order, sampling).
+        threads: torch CPU threads (1 is fastest for these small models, and on a busy machine); null: torch's.
+        progress: show progress bars.
+    """
+    started = time.perf_counter()
+    if threads:
+        torch.set_num_threads(threads)
+    world = World.prepare(Path(output), task, splits, seed)
+    report: dict[str, Any] = {"output": output, "seed": seed}
+    stage = time.perf_counter()
+    report["policy"] = train_policy(world, policy, progress)
+    report["policy_stage_s"] = time.perf_counter() - stage
+    stage = time.perf_counter()
+    report["reward"] = train_reward(world, reward, report["policy"], progress)
+    report["reward_stage_s"] = time.perf_counter() - stage
+    if comparison.enabled:
+        stage = time.perf_counter()
+        summaries = run_comparison(world, comparison, progress)
+        report["comparison"] = [s.to_dict() for s in summaries]
+        report["comparison_stage_s"] = time.perf_counter() - stage
+    if comparison.oracle:
+        stage = time.perf_counter()
+        report["oracle_comparison"] = [s.to_dict() for s in run_oracle_comparison(world, comparison, progress)]
+        report["oracle_stage_s"] = time.perf_counter() - stage
+    report["total_s"] = time.perf_counter() - started
+    (world.folder / REPORT_FILE).write_text(json.dumps(report, indent=2))
+    _print_report(report)
+    return report
+
+
+def _print_report(report: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="arithmetic world")
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    policy, reward = report["policy"], report["reward"]
+    table.add_row("policy parameters", f"{policy['parameters']:,}")
+    for key in ("dev_greedy_accuracy", "dev_sample_accuracy", "dev_pass_at_4"):
+        table.add_row(f"policy {key.replace('_', ' ')}", f"{policy['metrics'][key]:.1%}")
+    table.add_row("policy training (s)", f"{policy['training_s']:.0f}")
+    table.add_row("reward parameters", f"{reward['parameters']:,}")
+    table.add_row("reward held-out AUC", f"{reward['metrics']['val_auc']:.3f}")
+    table.add_row("reward same-problem pairs ordered", f"{reward['metrics']['val_pairwise_accuracy']:.1%}")
+    table.add_row("reward sampling + training (s)", f"{reward['sampling_s'] + reward['training_s']:.0f}")
+    stages = {"policy_stage_s": "policy stage", "reward_stage_s": "reward stage", "comparison_stage_s": "comparison"}
+    for key, name in {**stages, "total_s": "total"}.items():
+        if key in report:
+            table.add_row(f"{name} (s)", f"{report[key]:.0f}")
+    Console().print(table)

@@ -1,0 +1,228 @@
+"""The arithmetic world: task, grading, tokenizer, and a CI-sized version of the whole recipe (tiny models trained in
+seconds with fixed seeds) checking real properties of the trained models and of the ∇-Reasoner loop."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from nabla import LatentOptimizer, Policy, Sampler, SamplingConfig, SequenceClassifierReward, TestTimeTrainer
+from nabla.errors import ConfigurationError, DataError
+from nabla.eval import grading
+from nabla.worlds.arithmetic.task import (
+    ArithmeticTask,
+    Splits,
+    extract_answer,
+    generate,
+    is_correct,
+    make_problem,
+    read_jsonl,
+    write_jsonl,
+)
+from nabla.worlds.arithmetic.tokenizer import arithmetic_tokenizer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+# ---------------------------------------------------------------------- task and grading
+def test_problems_are_seeded_solved_left_to_right_and_graded_exactly():
+    task = ArithmeticTask()
+    problems = generate(task, 50, seed=3)
+    assert problems == generate(task, 50, seed=3) and problems != generate(task, 50, seed=4)
+    for p in problems:
+        terms = p.question.removesuffix("=?")
+        assert p.answer == eval(terms)  # the expression itself, evaluated by Python
+        assert 3 <= terms.count("+") + terms.count("-") - terms.startswith("-") + 1 <= 5
+        assert is_correct(p.solution, p.answer) and extract_answer(p.solution) == p.answer
+    example = make_problem([47, 23, 15, 62], ["+", "+", "-", "+"])
+    assert example.question == "47+23-15+62=?"
+    assert example.solution == "47+23=70;70-15=55;55+62=117;\\boxed{117}"
+    assert not is_correct("47+23=70;\\boxed{116}", 117)
+    assert extract_answer("\\boxed{1}\\boxed{-12}") == -12 and extract_answer("no box 117") is None
+    assert extract_answer("\\boxed{1.5}") is None
+
+
+def test_difficulty_settings_are_respected():
+    task = ArithmeticTask(min_terms=2, max_terms=2, min_value=1, max_value=9, allow_negative=False)
+    for p in generate(task, 40, seed=0):
+        assert len(p.solution.split(";")) == 2 and p.answer >= 0
+    with pytest.raises(ConfigurationError, match="min_terms"):
+        ArithmeticTask(min_terms=4, max_terms=3)
+    with pytest.raises(ConfigurationError, match="distinct problems"):
+        generate(ArithmeticTask(min_terms=2, max_terms=2, min_value=1, max_value=2, subtraction_rate=0.0), 10, 0)
+
+
+def test_held_out_splits_are_disjoint_and_training_never_sees_them():
+    task = ArithmeticTask()
+    splits = Splits.build(task, seed=0, test=100, dev=50, reward_train=200, reward_val=50)
+    parts = [splits.test, splits.dev, splits.reward_train, splits.reward_val]
+    questions = [p.question for part in parts for p in part]
+    assert len(questions) == len(set(questions)) == 400
+    training = generate(task, 3000, seed=0, exclude=splits.held_out())
+    assert not {p.question for p in training} & splits.held_out()
+
+
+def test_exact_grading_agrees_with_the_harness_grader(tmp_path):
+    problems = generate(ArithmeticTask(), 30, seed=1)
+    for p in problems:
+        for response, _ in [(p.solution, True), (p.solution.replace(f"{{{p.answer}}}", f"{{{p.answer + 1}}}"), False)]:
+            assert grading.is_correct(str(p.answer), response) == is_correct(response, p.answer)
+    path = write_jsonl(problems, tmp_path / "p.jsonl")
+    assert read_jsonl(path) == problems
+    from nabla.eval.datasets import load_jsonl
+
+    loaded = load_jsonl(path, id_field="id")
+    assert [(q.id, q.question, q.answer) for q in loaded] == [(p.id, p.question, str(p.answer)) for p in problems]
+    (tmp_path / "bad.jsonl").write_text('{"id": 1}\n')
+    with pytest.raises(DataError, match=r"bad\.jsonl:1"):
+        read_jsonl(tmp_path / "bad.jsonl")
+
+
+def test_tokenizer_round_trips_and_loads_like_a_downloaded_one(tmp_path):
+    from transformers import AutoTokenizer
+
+    tokenizer = arithmetic_tokenizer()
+    tokenizer.save_pretrained(tmp_path)
+    loaded = AutoTokenizer.from_pretrained(tmp_path)
+    for p in generate(ArithmeticTask(), 20, seed=2):
+        text = p.question + "\n" + p.solution
+        ids = loaded(text, add_special_tokens=False)["input_ids"]
+        assert loaded.unk_token_id not in ids
+        assert loaded.decode(ids) == text
+        assert len(ids) == len(text) - len("\\boxed{") + 1  # one token per character, \boxed{ is one
+    assert loaded.eos_token == "</s>" and loaded.pad_token == "<pad>"
+    assert loaded.decode([loaded.eos_token_id, loaded.pad_token_id], skip_special_tokens=True) == ""
+
+
+# ---------------------------------------------------------------------- the recipe in miniature
+TINY_TASK = ArithmeticTask(min_terms=2, max_terms=3, min_value=1, max_value=5)
+TINY_SIZE = dict(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=2, intermediate_size=96, max_positions=64)
+
+
+def _tiny_policy_training(steps: int = 250):
+    from nabla.worlds.arithmetic.models import ModelSize
+    from nabla.worlds.arithmetic.pipeline import PolicyTraining
+
+    return PolicyTraining(size=ModelSize(**TINY_SIZE), steps=steps, batch_size=32, lr=1e-2, val_every=steps)
+
+
+@pytest.fixture(scope="module")
+def tiny_world(tmp_path_factory):
+    """A world trained in seconds: policy, reward model, and their training records."""
+    from nabla.worlds.arithmetic.pipeline import RewardTraining, SplitSizes, World, train_policy, train_reward
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    sizes = SplitSizes(test=10, dev=40, reward_train=100, reward_val=40)
+    world = World.prepare(tmp_path_factory.mktemp("arithmetic"), TINY_TASK, sizes, seed=0)
+    policy_record = train_policy(world, _tiny_policy_training(), progress=False)
+    reward_settings = RewardTraining(samples_per_problem=4, epochs=8, problems_per_batch=16, lr=3e-3)
+    reward_record = train_reward(world, reward_settings, policy_record, progress=False)
+    torch.set_num_threads(threads)
+    return world, policy_record, reward_record, reward_settings
+
+
+def test_trained_models_load_like_downloaded_ones_and_the_policy_is_competent_but_fallible(tiny_world):
+    world, policy_record, reward_record, _ = tiny_world
+    policy = Policy.from_pretrained(str(world.policy_dir))
+    reward = SequenceClassifierReward.from_pretrained(str(world.reward_dir))
+    assert type(policy.model).__name__ == "LlamaForCausalLM" and not policy.use_chat_template
+    assert type(reward.model).__name__ == "LlamaForSequenceClassification"
+    assert reward.tokenizer.get_vocab() == policy.tokenizer.get_vocab()
+    metrics = policy_record["metrics"]
+    assert 0.2 <= metrics["dev_greedy_accuracy"] <= 0.95  # learned the task, still makes mistakes
+    assert 0.0 < reward_record["metrics"]["train_positive_rate"] < 1.0
+
+
+def test_trained_reward_model_learns_to_rank_right_above_wrong(tiny_world):
+    """On the samples it was trained on, scored through ``SequenceClassifierReward`` as decoding scores them. (Its
+    held-out AUC in a world this small is close to chance; the full world's is measured in docs/arithmetic.md.)"""
+    from nabla.worlds.arithmetic.pipeline import reward_quality
+    from nabla.worlds.arithmetic.training import Sample
+
+    world, _, reward_record, _ = tiny_world
+    records = [json.loads(line) for line in (world.folder / "reward_samples.jsonl").read_text().splitlines()]
+    train = [Sample(r["problem_id"], r["prompt"], r["response"], r["token_ids"], r["correct"]) for r in records]
+    train = [s for s, r in zip(train, records) if r["split"] == "reward_train"]
+    policy = Policy.from_pretrained(str(world.policy_dir))
+    quality = reward_quality(world.reward_dir, policy, train)
+    assert quality["val_auc"] > 0.75 and quality["val_pairwise_accuracy"] > 0.7
+    assert 0.0 <= reward_record["metrics"]["val_auc"] <= 1.0
+
+
+def test_reward_training_reads_scores_exactly_as_scoring_does(tiny_world):
+    from nabla.worlds.arithmetic.pipeline import _formatter
+    from nabla.worlds.arithmetic.training import OptimSettings, RewardDataModule, RewardExamples, RewardModule, Sample
+
+    world, *_ = tiny_world
+    policy = Policy.from_pretrained(str(world.policy_dir))
+    scorer = SequenceClassifierReward.from_pretrained(str(world.reward_dir))
+    scorer.bind(policy)
+    records = [json.loads(line) for line in (world.folder / "reward_samples.jsonl").read_text().splitlines()[:24]]
+    samples = [Sample(r["problem_id"], r["prompt"], r["response"], r["token_ids"], r["correct"]) for r in records]
+    trained = SequenceClassifierReward.from_pretrained(str(world.reward_dir)).model
+    examples = RewardExamples(samples, _formatter(trained, policy))
+    batch = RewardDataModule(examples, examples, policy.tokenizer.pad_token_id, 64, 0).collate(examples.groups)
+    module = RewardModule(trained, OptimSettings()).eval()
+    with torch.no_grad():
+        as_trained = module(batch["input_ids"], batch["attention_mask"])[:, -1]
+    grouped = [
+        s for problem in dict.fromkeys(s.problem_id for s in samples) for s in samples if s.problem_id == problem
+    ]
+    as_scored = scorer.score([s.prompt for s in grouped], [s.response for s in grouped], [s.token_ids for s in grouped])
+    assert torch.allclose(as_trained, as_scored, atol=1e-4)
+
+
+def test_trained_models_are_reused_and_other_settings_are_refused(tiny_world):
+    import time
+
+    from nabla.worlds.arithmetic.pipeline import train_policy, train_reward
+
+    world, policy_record, reward_record, reward_settings = tiny_world
+    started = time.perf_counter()
+    assert train_policy(world, _tiny_policy_training(), progress=False) == policy_record
+    assert train_reward(world, reward_settings, policy_record, progress=False) == reward_record
+    assert time.perf_counter() - started < 2.0
+    with pytest.raises(DataError, match="other settings"):
+        train_policy(world, _tiny_policy_training(steps=251), progress=False)
+
+
+def test_policy_training_is_deterministic_for_a_seed(tmp_path):
+    from nabla.worlds.arithmetic.pipeline import SplitSizes, World, train_policy
+
+    weights = []
+    for name in ("a", "b"):
+        world = World.prepare(tmp_path / name, TINY_TASK, SplitSizes(test=5, dev=5, reward_train=5, reward_val=5), 0)
+        train_policy(world, _tiny_policy_training(steps=8), progress=False)
+        weights.append(Policy.from_pretrained(str(world.policy_dir)).model.state_dict())
+    assert all(torch.equal(weights[0][key], weights[1][key]) for key in weights[0])
+
+
+def test_nabla_reasoner_accepted_revisions_raise_the_trained_reward(tiny_world):
+    world, *_ = tiny_world
+    policy = Policy.from_pretrained(str(world.policy_dir))
+    reward = SequenceClassifierReward.from_pretrained(str(world.reward_dir))
+    sampling = SamplingConfig(temperature=0.6, top_p=0.95)
+    budget = world.max_new_tokens
+    nabla = TestTimeTrainer(
+        policy,
+        reward,
+        LatentOptimizer(steps=10, lr=0.1),
+        Sampler(rollout=sampling, max_rollouts=6, max_new_tokens=budget),
+    )
+    plain = TestTimeTrainer(
+        policy, reward, LatentOptimizer(), Sampler(rollout=sampling, max_rollouts=1, max_new_tokens=budget)
+    )
+    accepted = 0
+    for seed, problem in enumerate(world.splits.dev[:12]):
+        result = nabla.fit(problem.question, seed=seed)
+        first = plain.fit(problem.question, seed=seed)  # the same first rollout, never revised
+        for revision in result.revisions:
+            assert revision.accepted == (revision.proposal_reward > revision.current_reward)
+        accepted += sum(bool(r.accepted) for r in result.revisions)
+        assert result.reward >= first.reward
+        rescored = float(reward.score([problem.question], [result.text], [result.token_ids])[0])
+        assert result.reward == pytest.approx(rescored, abs=1e-4)
+    assert accepted > 0
