@@ -1,0 +1,459 @@
+"""The measured duality check: how close each path gets to ρ* on the enumerable world.
+
+For each λ and prompt, the total-variation distance to ``ρ* ∝ π_ref · exp(λ r)`` of
+
+- ``pi_ref``: the base policy itself (exact);
+- ``rl_exact``: the LoRA policy that maximises the RL objective computed exactly by enumeration
+  (``E_π[λ r] - KL(π ‖ π_ref) = -KL(π ‖ ρ*) + const``): what this adapter can reach at best (exact);
+- ``rl_{k1,k3}_{rloo,grpo}``: :class:`nabla.rl.KLRegularizedRL` trained on samples (k1 in the reward or k3 in
+  the loss; RLOO or GRPO advantages), its distribution computed exactly after training;
+- ``nabla`` / ``nabla_no_rejection``: the empirical distribution of :meth:`nabla.TestTimeTrainer.fit` over many
+  seeds (rollouts and resampling at temperature 1 so that the base measure is π_ref; every position optimised);
+- ``langevin``: the empirical distribution of :func:`langevin_sample` over as many seeds;
+
+beside the sampling-noise floor: the TV of an empirical distribution of the same size drawn from ρ* itself
+(and from π_ref, for the distance to π_ref). Rows go to a JSONL file as they finish; a rerun skips them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from torch import Tensor
+
+from nabla.cost import CostMeter
+from nabla.errors import ConfigurationError
+from nabla.optimizer import LatentOptimizer
+from nabla.rl.kl import exact_kl, total_variation
+from nabla.rl.module import LoRASettings, RLConfig, attach_lora, response_log_probs
+from nabla.rl.train import RLTrainerSettings, train_rl
+from nabla.sampler import Sampler, SamplingConfig, TokenSelection
+from nabla.trainer import TestTimeTrainer
+from nabla.worlds.enumerable.langevin import LangevinDTO, langevin_sample
+from nabla.worlds.enumerable.world import EnumerableWorld, build_world, load_world, save_world
+
+LLAMA_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+RL_METHODS = {
+    "rl_k1_rloo": ("reward", "rloo"),
+    "rl_k1_grpo": ("reward", "grpo"),
+    "rl_k3_rloo": ("loss", "rloo"),
+    "rl_k3_grpo": ("loss", "grpo"),
+}
+METHODS = ("pi_ref", "rl_exact", *RL_METHODS, "nabla", "nabla_no_rejection", "langevin")
+
+
+@dataclass
+class DualitySettings:
+    """What the duality check runs.
+
+    Args:
+        lams: the λ values (``ρ* ∝ π_ref · exp(λ r)``; the RL runs use β = 1/λ, DTO ``reward_weight = λ``,
+            ``likelihood_weight = 1``).
+        samples: seeds per prompt for the empirical methods (∇-Reasoner, Langevin) and the noise floor.
+        world_seed, prompts, max_new_tokens: the world.
+        methods: which of :data:`METHODS` to run.
+        rl_steps, rl_group_size, rl_lr: the sampled RL runs (both prompts in every batch).
+        lora_rank, lora_targets: the adapter. The output head is adapted too: behind a frozen final RMSNorm and
+            a frozen head the logits are bounded, and a peaked ρ* (large λ) is out of reach.
+        exact_steps, exact_lr: Adam on the exact objective (cosine decay to 1% of exact_lr).
+        dto_steps, dto_lr: ∇-Reasoner's DTO (paper defaults: 20 steps, lr 0.01).
+        max_rollouts: ∇-Reasoner's rollout budget.
+        langevin: Langevin-DTO settings (its λ is set per row).
+        noise_repeats: draws of the noise floor averaged.
+        world_folder: a world saved by an earlier run (its ``world_seed<k>`` folder) to reuse as it is; default:
+            ``<folder>/world_seed<world_seed>``, built on first use.
+    """
+
+    lams: list[float] = field(default_factory=lambda: [1.0, 4.0, 16.0])
+    samples: int = 1000
+    world_seed: int = 0
+    prompts: list[str] = field(default_factory=lambda: ["a", "b"])
+    max_new_tokens: int = 3
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    rl_steps: int = 1000
+    rl_group_size: int = 16
+    rl_lr: float = 3e-3
+    lora_rank: int = 8
+    lora_targets: list[str] = field(default_factory=lambda: [*LLAMA_LINEAR, "lm_head"])
+    exact_steps: int = 3000
+    exact_lr: float = 3e-3
+    dto_steps: int = 20
+    dto_lr: float = 0.01
+    max_rollouts: int = 8
+    langevin: LangevinDTO = field(default_factory=LangevinDTO)
+    noise_repeats: int = 20
+    world_folder: str | None = None
+
+
+def lora_settings(settings: DualitySettings) -> LoRASettings:
+    return LoRASettings(r=settings.lora_rank, alpha=2 * settings.lora_rank, target_modules=list(settings.lora_targets))
+
+
+def noise_floor(target: Tensor, samples: int, repeats: int, seed: int) -> tuple[float, float]:
+    """Mean and standard deviation of the TV between ``target`` and the empirical distribution of ``samples``
+    draws from it."""
+    generator = torch.Generator().manual_seed(seed)
+    values = []
+    for _ in range(repeats):
+        draws = torch.multinomial(target.float(), samples, replacement=True, generator=generator)
+        empirical = torch.bincount(draws, minlength=len(target)).double() / samples
+        values.append(total_variation(empirical, target))
+    mean = sum(values) / len(values)
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / max(1, len(values) - 1))
+
+
+def fresh_world(settings: DualitySettings, folder: Path) -> EnumerableWorld:
+    """The world of these settings, built once and saved (see ``world_folder``), then reloaded untouched."""
+    saved = Path(settings.world_folder) if settings.world_folder else folder / f"world_seed{settings.world_seed}"
+    if not (saved / "policy" / "config.json").is_file():
+        save_world(build_world(settings.world_seed, settings.prompts, settings.max_new_tokens), saved)
+    return load_world(saved, settings.prompts, settings.max_new_tokens)
+
+
+def exact_rl(world: EnumerableWorld, lam: float, settings: DualitySettings) -> tuple[dict[str, Tensor], float]:
+    """Minimise ``Σ_x KL(π_θ ‖ ρ*_x)`` over a LoRA adapter by enumeration; returns the exact distributions."""
+    attach = attach_lora(world.policy, lora_settings(settings))
+    responses = world.responses()
+    targets = {p: torch.log(world.rho_star(p, lam)) for p in world.prompts}
+    contexts = {p: [world.policy.encode(p)] * len(responses) for p in world.prompts}
+    parameters = [p for p in attach.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(parameters, lr=settings.exact_lr)
+    decay = lambda step: 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * step / settings.exact_steps))  # noqa: E731
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, decay)
+    started = time.perf_counter()
+    for _ in range(settings.exact_steps):
+        optimizer.zero_grad()
+        loss = torch.zeros(())
+        for prompt in world.prompts:
+            log_q = response_log_probs(attach, contexts[prompt], responses, 0).sequence().double()
+            loss = loss + exact_kl(log_q, targets[prompt])
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+    seconds = time.perf_counter() - started
+    return {p: world.log_probs(p, attach).exp() for p in world.prompts}, seconds
+
+
+class ExactTVTracker(L.Callback):
+    """Records the exact TV of the policy being trained to ρ* (a learning curve): before the first step, at
+    steps 1, 2, 5, 10, 20, 50 and every ``every`` steps."""
+
+    EARLY = (1, 2, 5, 10, 20, 50)
+
+    def __init__(self, world: EnumerableWorld, targets: dict[str, Tensor], every: int) -> None:
+        self.world, self.targets, self.every = world, targets, every
+        self.curve: list[dict[str, float]] = []
+
+    def on_train_start(self, trainer: L.Trainer, module: Any) -> None:
+        self._record(0, module)
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        step = trainer.global_step
+        if step in self.EARLY or step % self.every == 0 or step == trainer.max_steps:
+            self._record(step, module)
+
+    def _record(self, step: int, module: Any) -> None:
+        tvs = [total_variation(self.world.log_probs(p, module.model).exp(), t) for p, t in self.targets.items()]
+        cost = module.cost.snapshot()
+        self.curve.append(
+            {"step": step, "tv": sum(tvs) / len(tvs), "model_calls": cost["model_calls"], "flops": cost["flops"]}
+        )
+
+
+def sampled_rl(
+    world: EnumerableWorld, lam: float, settings: DualitySettings, placement: str, advantage: str, folder: Path
+) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    targets = {p: world.rho_star(p, lam) for p in world.prompts}
+    config = RLConfig(
+        lam=lam,
+        kl_placement=placement,  # type: ignore[arg-type]
+        advantage=advantage,  # type: ignore[arg-type]
+        group_size=settings.rl_group_size,
+        lr=settings.rl_lr,
+        lr_decay=True,
+        max_new_tokens=settings.max_new_tokens,
+        seed=settings.world_seed,
+    )
+    tracker = ExactTVTracker(world, targets, every=max(1, settings.rl_steps // 20))
+    trainer_settings = RLTrainerSettings(
+        max_steps=settings.rl_steps, default_root_dir=str(folder), checkpoint_every_n_steps=0, progress=False
+    )
+    module, _ = train_rl(
+        world.policy,
+        world.reward,
+        world.prompts,
+        config=config,
+        lora=lora_settings(settings),
+        settings=trainer_settings,
+        batch_size=len(world.prompts),
+        callbacks=[tracker],
+    )
+    distributions = {p: world.log_probs(p, module.model).exp() for p in world.prompts}
+    return distributions, {"curve": tracker.curve, "training_cost": module.training_cost()}
+
+
+def nabla_samples(
+    world: EnumerableWorld, lam: float, settings: DualitySettings, rejection: bool, meter_totals: dict[str, float]
+) -> dict[str, list[list[int]]]:
+    unit = SamplingConfig(temperature=1.0, top_p=None)
+    trainer = TestTimeTrainer(
+        world.policy,
+        world.reward,
+        LatentOptimizer(steps=settings.dto_steps, lr=settings.dto_lr, reward_weight=lam, likelihood_weight=1.0),
+        Sampler(
+            rollout=unit,
+            resample=unit,
+            selection=TokenSelection(max_confidence=None, min_entropy=None, min_grad_norm=None),
+            rejection_sampling=rejection,
+            max_rollouts=settings.max_rollouts,
+            max_new_tokens=settings.max_new_tokens,
+        ),
+    )
+    out: dict[str, list[list[int]]] = {}
+    for prompt in world.prompts:
+        results = []
+        for start in range(0, settings.samples, 100):
+            count = min(100, settings.samples - start)
+            results += trainer.fit_batch([prompt] * count, seeds=list(range(start, start + count)))
+        out[prompt] = [r.token_ids for r in results]
+        for result in results:
+            for key in ("model_calls", "flops"):
+                meter_totals[key] = meter_totals.get(key, 0.0) + result.stats[key]
+    return out
+
+
+def langevin_samples(
+    world: EnumerableWorld, lam: float, settings: DualitySettings, meter_totals: dict[str, float]
+) -> dict[str, list[list[int]]]:
+    langevin = LangevinDTO(**{**asdict(settings.langevin), "lam": lam})
+    meter = CostMeter()
+    out = {}
+    for prompt in world.prompts:
+        out[prompt] = [
+            langevin_sample(langevin, world.policy, world.reward, prompt, torch.Generator().manual_seed(seed),
+                            settings.max_new_tokens, meter).response
+            for seed in range(settings.samples)
+        ]  # fmt: skip
+    snapshot = meter.snapshot()
+    meter_totals["model_calls"], meter_totals["flops"] = snapshot["model_calls"], snapshot["flops"]
+    return out
+
+
+def measure(method: str, lam: float, settings: DualitySettings, folder: Path) -> dict[str, Any]:
+    """One row: the method's TV to ρ* (and to π_ref) per prompt and on average, with its cost."""
+    world = fresh_world(settings, folder)  # every method starts from the same untouched π_ref
+    pi_ref = {p: world.log_probs(p).exp() for p in world.prompts}
+    rho = {p: world.rho_star(p, lam) for p in world.prompts}
+    row: dict[str, Any] = {"method": method, "lam": lam, "samples": None}
+    started = time.perf_counter()
+    cost: dict[str, float] = {}
+    empirical = False
+    if method == "pi_ref":
+        distributions = pi_ref
+    elif method == "rl_exact":
+        distributions, _ = exact_rl(world, lam, settings)
+    elif method in RL_METHODS:
+        placement, advantage = RL_METHODS[method]
+        distributions, extra = sampled_rl(world, lam, settings, placement, advantage, folder / f"{method}_{lam:g}")
+        row.update(extra)
+        cost = {k: extra["training_cost"][k] for k in ("model_calls", "flops")}
+    elif method in ("nabla", "nabla_no_rejection"):
+        samples = nabla_samples(world, lam, settings, method == "nabla", cost)
+        distributions, empirical = {p: world.distribution(s) for p, s in samples.items()}, True
+    elif method == "langevin":
+        samples = langevin_samples(world, lam, settings, cost)
+        distributions, empirical = {p: world.distribution(s) for p, s in samples.items()}, True
+    else:
+        raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    row["seconds"] = time.perf_counter() - started
+    row["cost"] = cost
+    prompts = world.prompts
+    row["tv_rho"] = {p: total_variation(distributions[p], rho[p]) for p in prompts}
+    row["tv_pi_ref"] = {p: total_variation(distributions[p], pi_ref[p]) for p in prompts}
+    uniform = torch.full((len(world.responses()),), 1.0 / len(world.responses()), dtype=torch.float64)
+    row["tv_uniform"] = {p: total_variation(distributions[p], uniform) for p in prompts}
+    row["distributions"] = {p: distributions[p].tolist() for p in prompts}
+    rewards = {p: world.rewards(p) for p in prompts}
+    row["mean_reward"] = {p: float((distributions[p] * rewards[p]).sum()) for p in prompts}
+    row["rho_mean_reward"] = {p: float((rho[p] * rewards[p]).sum()) for p in prompts}
+    if empirical:
+        row["samples"] = settings.samples
+        seed = int(lam * 1000) + settings.world_seed
+        row["floor_rho"] = {p: noise_floor(rho[p], settings.samples, settings.noise_repeats, seed) for p in prompts}
+        row["floor_pi_ref"] = {
+            p: noise_floor(pi_ref[p], settings.samples, settings.noise_repeats, seed + 1) for p in prompts
+        }
+    for key in ("tv_rho", "tv_pi_ref", "tv_uniform", "mean_reward", "rho_mean_reward"):
+        row[f"{key}_mean"] = sum(row[key].values()) / len(prompts)
+    return row
+
+
+def run_duality(
+    settings: DualitySettings, folder: Path, on_row: Callable[[dict[str, Any]], None] | None = None
+) -> list[dict[str, Any]]:
+    """Every (method, λ) row, appended to ``folder/duality.jsonl``; rows already there are kept and skipped."""
+    folder.mkdir(parents=True, exist_ok=True)
+    records = folder / "duality.jsonl"
+    rows = [json.loads(line) for line in records.read_text().splitlines()] if records.is_file() else []
+    done = {(r["method"], r["lam"]) for r in rows}
+    todo = [(m, lam) for lam in settings.lams for m in settings.methods if (m, lam) not in done]
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns) as progress:
+        task = progress.add_task("duality", total=len(todo))
+        for method, lam in todo:
+            progress.update(task, description=f"{method} λ={lam:g}")
+            row = measure(method, lam, settings, folder)
+            rows.append(row)
+            with records.open("a") as handle:
+                handle.write(json.dumps(row) + "\n")
+            if on_row is not None:
+                on_row(row)
+            progress.advance(task)
+    return rows
+
+
+LABELS = {
+    "pi_ref": "π_ref (no optimisation)",
+    "rl_exact": "RL, exact objective by enumeration",
+    "rl_k1_rloo": "RL sampled: k1 in reward, RLOO",
+    "rl_k1_grpo": "RL sampled: k1 in reward, GRPO",
+    "rl_k3_rloo": "RL sampled: k3 in loss, RLOO",
+    "rl_k3_grpo": "RL sampled: k3 in loss, GRPO",
+    "nabla": "∇-Reasoner (DTO + rejection)",
+    "nabla_no_rejection": "∇-Reasoner without rejection",
+    "langevin": "Langevin DTO",
+}
+
+
+def duality_table(rows: list[dict[str, Any]]) -> str:
+    """Markdown: TV to ρ* (mean over prompts) per method and λ, with mean reward and the noise floors."""
+    lams = sorted({r["lam"] for r in rows})
+    by_key = {(r["method"], r["lam"]): r for r in rows}
+    header = "| method | " + " | ".join(f"TV to ρ*, λ={lam:g}" for lam in lams) + " | "
+    header += " | ".join(f"E[r], λ={lam:g}" for lam in lams) + " |"
+    lines = [header, "|---" * (1 + 2 * len(lams)) + "|"]
+    for method in METHODS:
+        if not any((method, lam) in by_key for lam in lams):
+            continue
+        cells = [_cell(by_key.get((method, lam)), "tv_rho_mean") for lam in lams]
+        cells += [_cell(by_key.get((method, lam)), "mean_reward_mean") for lam in lams]
+        lines.append(f"| {LABELS[method]} | " + " | ".join(cells) + " |")
+    floors = [next((r for r in rows if r["lam"] == lam and r.get("floor_rho")), None) for lam in lams]
+    if any(floors):
+        cells = [_floor(f, "floor_rho") for f in floors]
+        lines.append(f"| noise floor: N draws from ρ* itself | {' | '.join(cells)} |" + " |" * len(lams))
+    optimum = [next((r for r in rows if r["lam"] == lam), None) for lam in lams]
+    cells = ["" for _ in lams] + [_cell(r, "rho_mean_reward_mean") for r in optimum]
+    lines.append("| ρ* itself | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _cell(row: dict[str, Any] | None, key: str) -> str:
+    return "–" if row is None else f"{row[key]:.3f}"
+
+
+def _floor(row: dict[str, Any] | None, key: str) -> str:
+    if row is None:
+        return "–"
+    means = [value[0] for value in row[key].values()]
+    spreads = [value[1] for value in row[key].values()]
+    return f"{sum(means) / len(means):.3f} ± {sum(spreads) / len(spreads):.3f}"
+
+
+def duality_plots(rows: list[dict[str, Any]], folder: Path) -> list[Path]:
+    """``duality_tv.png`` (TV to ρ* against λ) and ``duality_rl_curves.png`` (RL learning curves)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    lams = sorted({r["lam"] for r in rows})
+    by_key = {(r["method"], r["lam"]): r for r in rows}
+    figure, axis = plt.subplots(figsize=(7.5, 4.8))
+    for method in METHODS:
+        points = [(lam, by_key[(method, lam)]["tv_rho_mean"]) for lam in lams if (method, lam) in by_key]
+        if points:
+            style = "--" if method == "pi_ref" else "-"
+            axis.plot(*zip(*points), style, marker="o", label=LABELS[method])
+    floors = [
+        (lam, r) for lam in lams for r in [next((x for x in rows if x["lam"] == lam and x.get("floor_rho")), None)] if r
+    ]
+    if floors:
+        means = [sum(v[0] for v in r["floor_rho"].values()) / len(r["floor_rho"]) for _, r in floors]
+        spreads = [sum(v[1] for v in r["floor_rho"].values()) / len(r["floor_rho"]) for _, r in floors]
+        xs = [lam for lam, _ in floors]
+        low, high = [m - s for m, s in zip(means, spreads)], [m + s for m, s in zip(means, spreads)]
+        label = f"noise floor ({floors[0][1]['samples']} draws from ρ*)"
+        axis.fill_between(xs, low, high, color="grey", alpha=0.3, label=label)
+    axis.set_xscale("log", base=2)
+    axis.set_xlabel("λ  (ρ* ∝ π_ref · exp(λ r);  RL β = 1/λ)")
+    axis.set_ylabel("total variation to ρ*  (mean over prompts)")
+    axis.set_ylim(0, 1)
+    axis.set_title("Enumerable world: how close each path gets to ρ*")
+    axis.legend(fontsize=7, loc="upper left")
+    figure.tight_layout()
+    tv_path = folder / "duality_tv.png"
+    figure.savefig(tv_path, dpi=130)
+    plt.close(figure)
+
+    figure, axes = plt.subplots(1, len(lams), figsize=(4 * len(lams), 3.6), sharey=True, squeeze=False)
+    for axis, lam in zip(axes[0], lams):
+        for method in RL_METHODS:
+            row = by_key.get((method, lam))
+            if row and row.get("curve"):
+                axis.plot([c["step"] for c in row["curve"]], [c["tv"] for c in row["curve"]], label=LABELS[method])
+        for method, style in (("pi_ref", "k--"), ("rl_exact", "k:"), ("nabla", "r--"), ("langevin", "m--")):
+            row = by_key.get((method, lam))
+            if row:
+                axis.axhline(row["tv_rho_mean"], linestyle=style[1:], color=style[0], label=LABELS[method], lw=1)
+        axis.set_title(f"λ = {lam:g}")
+        axis.set_xscale("symlog", linthresh=1)
+        axis.set_xlim(left=0)
+        axis.set_xlabel("RL step (symlog)")
+    axes[0][0].set_ylabel("TV to ρ* (exact)")
+    axes[0][-1].legend(fontsize=6)
+    figure.tight_layout()
+    curve_path = folder / "duality_rl_curves.png"
+    figure.savefig(curve_path, dpi=130)
+    plt.close(figure)
+    return [tv_path, curve_path]
+
+
+def duality(
+    settings: DualitySettings = DualitySettings(),  # noqa: B008 - jsonargparse reads dataclass defaults
+    folder: str = "runs/duality",
+    docs: str = "docs/results",
+    threads: int = 1,
+) -> list[dict[str, Any]]:
+    """Measure how close RL fine-tuning, ∇-Reasoner and Langevin DTO get to ρ* on the enumerable world.
+
+    Args:
+        settings: λ values, sample counts, the world, RL and DTO settings.
+        folder: where rows (``duality.jsonl``, resumable) and the saved world go.
+        docs: where ``duality_table.md``, ``duality_tv.png`` and ``duality_rl_curves.png`` are written.
+        threads: torch CPU threads (tiny models run fastest on one).
+    """
+    from nabla.rl.train import quiet_lightning
+
+    torch.set_num_threads(threads)
+    quiet_lightning()
+    unknown = set(settings.methods) - set(METHODS)
+    if unknown:
+        raise ConfigurationError(f"unknown methods {sorted(unknown)}; choose from {', '.join(METHODS)}")
+    rows = run_duality(settings, Path(folder))
+    docs_folder = Path(docs)
+    docs_folder.mkdir(parents=True, exist_ok=True)
+    (docs_folder / "duality_table.md").write_text(duality_table(rows))
+    duality_plots(rows, docs_folder)
+    print(duality_table(rows))
+    return rows
