@@ -17,6 +17,13 @@ from typing import Any
 #: subcommand -> (``module:function``, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "fit": ("nabla.commands:fit", "decode one prompt with ∇-Reasoner and print the answer, revisions and costs"),
+    "evaluate": ("nabla.eval.runner:evaluate", "run one method over a dataset slice (resumable JSONL records)"),
+    "compare": ("nabla.eval.runner:compare", "run several methods on the same problems: markdown table and plot"),
+    "train-reward": ("nabla.rewardtrain.pipeline:train_reward", "train, evaluate and export the default reward model"),
+    "rl": ("nabla.rl.train:finetune", "KL-regularised RL fine-tuning of a LoRA adapter (Lightning; CPU, GPU or DDP)"),
+    "rl-vs-testtime": ("nabla.rl.compare:rl_vs_testtime", "RL fine-tuning vs ∇-Reasoner, arithmetic world"),
+    "duality": ("nabla.worlds.enumerable.duality:duality", "measure RL, ∇-Reasoner and Langevin DTO against exact ρ*"),
+    "arithmetic": ("nabla.worlds.arithmetic.pipeline:arithmetic", "arithmetic world: train both models and compare"),
 }
 
 
