@@ -4,7 +4,7 @@ same seeds. Each mode runs in its own process so that its peak memory (max RSS) 
 
     python benchmarks/acceleration.py --model default --problems 8          # SmolLM2-135M-Instruct, MAWPS
     python benchmarks/acceleration.py --model runs/arithmetic/policy --reward runs/arithmetic/reward \\
-        --dataset jsonl:runs/arithmetic/heldout.jsonl --problems 32
+        --dataset jsonl:runs/arithmetic/problems/test.jsonl --template '{question}' --max-new-tokens 61 --problems 32
     python benchmarks/acceleration.py --model tiny --problems 6             # seconds, for a smoke test
 
 Printed: per-problem model calls outside rollouts (DTO, selection, prefixes, rewards), all model calls, FLOPs and
@@ -29,7 +29,7 @@ OUTSIDE_ROLLOUTS = ("lm_forward", "lm_backward", "rm_forward", "rm_backward", "s
 MODES = ("accelerated", "reference", "batched", "best_of_8")
 
 
-def load_prompts(dataset: str, count: int) -> list[str]:
+def load_prompts(dataset: str, count: int, template: str | None = None) -> list[str]:
     if dataset.startswith("tiny"):
         words = ["what is 2 plus 3 ?", "what is 7 minus 2 ?", "apples and pears so we get the total ?"]
         return [words[i % len(words)] + " " + str(i % 20) for i in range(count)]
@@ -40,7 +40,7 @@ def load_prompts(dataset: str, count: int) -> list[str]:
     else:
         name, split = dataset.split(":")
         problems = load_dataset(name, split, limit=count)
-    return [format_question(p.question) for p in problems]
+    return [format_question(p.question, template) if template else format_question(p.question) for p in problems]
 
 
 def build(args: argparse.Namespace):
@@ -68,7 +68,7 @@ def run_child(args: argparse.Namespace) -> None:
     """One mode over every prompt; prints one JSON line with per-problem records and the peak RSS."""
     torch.set_num_threads(args.threads)
     policy, reward, trainer = build(args)
-    prompts = load_prompts(args.dataset, args.problems)
+    prompts = load_prompts(args.dataset, args.problems, args.template)
     seeds = list(range(len(prompts)))
     started = time.perf_counter()
     if args.child == "accelerated":
@@ -144,6 +144,8 @@ def report(runs: dict[str, dict], args: argparse.Namespace) -> dict:
     if "best_of_8" in runs:
         ratios["nabla_over_best_of_8_wall"] = summary["accelerated"]["wall_s"] / summary["best_of_8"]["wall_s"]
         ratios["nabla_over_best_of_8_calls"] = summary["accelerated"]["calls"] / summary["best_of_8"]["calls"]
+        if "batched" in runs:  # best-of-8 batches its 8 samples; batched ∇-Reasoner batches across prompts
+            ratios["batched_nabla_over_best_of_8_wall"] = summary["batched"]["wall_s"] / summary["best_of_8"]["wall_s"]
     for key, value in ratios.items():
         console.print(f"{key}: {value if isinstance(value, str) else f'{value:.2f}'}")
     return {"summary": summary, "ratios": ratios}
@@ -154,6 +156,7 @@ def main() -> None:
     parser.add_argument("--model", default="default")
     parser.add_argument("--reward", default=None, help="a reward-model folder (default: the model's default reward)")
     parser.add_argument("--dataset", default="mawps:singleop", help="name:split, jsonl:PATH, or tiny")
+    parser.add_argument("--template", default=None, help="prompt template with {question} (default: the \\boxed{} one)")
     parser.add_argument("--problems", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--steps", type=int, default=20)

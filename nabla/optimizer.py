@@ -262,8 +262,7 @@ class LatentOptimizer:
         z = variable.detach().float().clone().requires_grad_(True)
         start = z.detach().clone()
         rows = z.shape[0]
-        optimizer = torch.optim.Adam([z], lr=self.lr, betas=self.betas, weight_decay=0.0)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, self.lr_factor)
+        adam = _Adam(z, self.betas)
         with torch.no_grad():
             first_argmax = to_logits(z).argmax(-1)
         cached = initial if self.gradient_caching else None
@@ -288,18 +287,14 @@ class LatentOptimizer:
             if not value.finite:
                 result.stopped_on_nonfinite = True
                 break
-            soft = torch.softmax(forward_logits / self.temperature, dim=-1)
-            hard = torch.nn.functional.one_hot(tokens[:rows], soft.shape[-1]).to(soft.dtype)
-            y = hard + (soft - soft.detach())  # exactly `hard` forward: (s - s) is 0
-            optimizer.zero_grad(set_to_none=True)
-            (value.grad[:rows].to(y.device) * y).sum().backward()
+            z.grad = None
+            self._backward(value.grad[:rows], z, forward_logits, tokens[:rows], analytic=self.space == "logits")
             if z.grad is None or not torch.isfinite(z.grad).all():
                 result.stopped_on_nonfinite = True
                 break
-            lr = optimizer.param_groups[0]["lr"]
+            lr = self.lr * self.lr_factor(step)
             previous = z.detach().clone()
-            optimizer.step()
-            schedule.step()
+            adam.step(z.grad, lr)
             if not torch.isfinite(z).all():
                 with torch.no_grad():
                     z.copy_(previous)
@@ -324,6 +319,22 @@ class LatentOptimizer:
         result.tokens[:rows] = self._forward_tokens(result.logits, first_argmax, anchors[:rows], True)
         return result
 
+    def _backward(self, grad_y: Tensor, z: Tensor, forward_logits: Tensor, tokens: Tensor, analytic: bool) -> None:
+        """``z.grad`` of the surrogate ``<∂L/∂y, y(z)>`` with the straight-through ``y = hard + s - sg(s)``,
+        ``s = softmax(forward_logits / τ)``: only ``s`` carries gradient. In logits space (``forward_logits`` is
+        ``z`` plus constant noise) it is the softmax Jacobian in closed form, ``s ⊙ (g - <g, s>) / τ``, with no
+        autograd graph (most DTO steps are cached ones, where that graph was most of the cost)."""
+        g = grad_y.to(forward_logits.device, torch.float32)
+        if analytic:
+            with torch.no_grad():
+                soft = torch.softmax(forward_logits.detach() / self.temperature, dim=-1)
+                z.grad = soft * (g - (g * soft).sum(-1, keepdim=True)) / self.temperature
+            return
+        soft = torch.softmax(forward_logits / self.temperature, dim=-1)
+        hard = torch.nn.functional.one_hot(tokens, soft.shape[-1]).to(soft.dtype)
+        y = hard + (soft - soft.detach())  # exactly `hard` forward: (s - s) is 0
+        (g * y).sum().backward()
+
     @staticmethod
     def _forward_tokens(logits: Tensor, first_argmax: Tensor, anchors: Tensor, anchored: bool) -> Tensor:
         """The straight-through forward's tokens: a position shows its rollout token until the optimisation
@@ -337,3 +348,23 @@ class LatentOptimizer:
     def _gumbel(logits: Tensor, generator: torch.Generator | None) -> Tensor:
         uniform = torch.rand(logits.shape, generator=generator, dtype=torch.float32).clamp_(1e-10, 1.0 - 1e-7)
         return -torch.log(-torch.log(uniform)).to(logits.device)
+
+
+class _Adam:
+    """Adam on one tensor, the arithmetic of ``torch.optim.Adam`` (no weight decay, no amsgrad) without its
+    per-step dispatch overhead: DTO takes thousands of tiny steps, where that overhead dominated."""
+
+    def __init__(self, parameter: Tensor, betas: tuple[float, float], eps: float = 1e-8) -> None:
+        self.parameter, self.betas, self.eps, self.steps = parameter, betas, eps, 0
+        self.first = torch.zeros_like(parameter, memory_format=torch.preserve_format)
+        self.second = torch.zeros_like(parameter, memory_format=torch.preserve_format)
+
+    @torch.no_grad()
+    def step(self, grad: Tensor, lr: float) -> None:
+        beta1, beta2 = self.betas
+        self.steps += 1
+        self.first.lerp_(grad, 1 - beta1)
+        self.second.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        step_size = lr / (1 - beta1**self.steps)
+        denominator = (self.second.sqrt() / math.sqrt(1 - beta2**self.steps)).add_(self.eps)
+        self.parameter.addcdiv_(self.first, denominator, value=-step_size)

@@ -162,3 +162,35 @@ def test_batched_objective_evaluation_equals_one_at_a_time(policy, reward):
         assert batched.loss == pytest.approx(alone.loss, abs=1e-5)
         assert batched.reward == pytest.approx(alone.reward, abs=1e-5)
         torch.testing.assert_close(batched.grad, alone.grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_closed_form_logits_gradient_equals_autograd(temperature):
+    optimizer = LatentOptimizer(temperature=temperature)
+    torch.manual_seed(0)
+    logits, grad_y = torch.randn(2, 11), torch.randn(2, 11)
+    tokens = logits.argmax(-1)
+    closed = logits.clone().requires_grad_(True)
+    optimizer._backward(grad_y, closed, closed, tokens, analytic=True)
+    graph = logits.clone().requires_grad_(True)
+    optimizer._backward(grad_y, graph, graph, tokens, analytic=False)
+    assert torch.allclose(closed.grad, graph.grad, atol=1e-6)
+
+
+def test_dto_adam_matches_torch_adam_with_the_cosine_schedule():
+    from nabla.optimizer import _Adam
+
+    settings = LatentOptimizer(steps=6, lr=0.1, warmup_steps=2)
+    torch.manual_seed(0)
+    ours, theirs = torch.randn(3, 5), None
+    theirs = ours.clone().requires_grad_(True)
+    reference = torch.optim.Adam([theirs], lr=settings.lr, betas=settings.betas)
+    schedule = torch.optim.lr_scheduler.LambdaLR(reference, settings.lr_factor)
+    adam = _Adam(ours, settings.betas)
+    for step in range(settings.steps):
+        grad = torch.randn(3, 5)
+        adam.step(grad, settings.lr * settings.lr_factor(step))
+        theirs.grad = grad.clone()
+        reference.step()
+        schedule.step()
+    assert torch.allclose(ours, theirs.detach(), atol=1e-7)
