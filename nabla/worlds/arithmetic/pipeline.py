@@ -4,7 +4,8 @@
    written to ``output/problems/*.jsonl`` in the evaluation harness's fields.
 2. Policy: a small ``LlamaForCausalLM`` trained with ``lightning.Trainer`` on gold chains of thought from a
    stream that excludes every held-out question; its greedy and sampled accuracy on ``dev`` are measured.
-3. Reward model: a ``LlamaForSequenceClassification`` (by default started from the policy's body) trained on the
+3. Reward model: a ``LlamaForSequenceClassification`` (started from the policy's body, or from a copy of the policy
+   trained further on gold chains: ``reward.pretrain_steps``, saved in ``output/reward_lm``) trained on the
    policy's own samples of ``reward_train`` problems labelled by exact grading; AUC on the ``reward_val`` samples,
    scored by the saved model through :class:`~nabla.SequenceClassifierReward` exactly as decoding scores.
 4. Comparison: :func:`nabla.eval.runner.compare` with greedy, self-consistency@N, best-of-N and ∇-Reasoner (rollout
@@ -82,6 +83,16 @@ class RewardTraining:
         problems_per_batch: problems per batch (each with all its samples).
         step_weight: weight of the auxiliary per-token loss ("the response so far agrees with the gold chain";
             0 trains on the outcome label alone).
+        pretrain_steps: with ``init: policy``, first train a copy of the policy this many more steps on gold chains
+            of thought (fresh problems, never a held-out one) and start the reward model from that stronger body, as
+            reward models usually start from a stronger language model than the policy they judge. The policy is
+            left as it is. 0: start from the policy itself. The body is saved in ``output/reward_lm`` and reused.
+        pretrain_lr, pretrain_batch_size: its learning rate and batch size.
+        label: the outcome label: ``outcome`` (exact grading of the final answer) or ``chain`` (the response is
+            the gold chain of thought, every step graded exactly; see :class:`RewardExamples`).
+        body_lr_scale: with ``init: policy``, the embeddings and the layers taken from the language model learn at
+            this fraction of ``lr`` (the new layers and the score head at ``lr``): keeps what the body knows while
+            the new parts learn to judge.
     """
 
     init: Literal["policy", "scratch"] = "policy"
@@ -96,8 +107,17 @@ class RewardTraining:
     warmup_fraction: float = 0.05
     loss: Literal["pairwise", "pointwise", "both"] = "both"
     step_weight: float = 1.0
+    pretrain_steps: int = 0
+    pretrain_lr: float = 3e-3
+    pretrain_batch_size: int = 64
+    body_lr_scale: float = 1.0
+    label: Literal["outcome", "chain"] = "outcome"
 
     def __post_init__(self) -> None:
+        if self.label not in ("outcome", "chain"):
+            raise ConfigurationError(f"reward.label must be 'outcome' or 'chain' (got {self.label!r})")
+        if self.pretrain_steps < 0:
+            raise ConfigurationError("reward.pretrain_steps must be >= 0")
         if self.init not in ("policy", "scratch"):
             raise ConfigurationError(f"reward.init must be 'policy' or 'scratch' (got {self.init!r})")
         if self.samples_per_problem < 1 or self.epochs < 1 or self.problems_per_batch < 1:
@@ -167,6 +187,10 @@ class World:
     @property
     def reward_dir(self) -> Path:
         return self.folder / "reward"
+
+    @property
+    def reward_lm_dir(self) -> Path:
+        return self.folder / "reward_lm"
 
     def problems_path(self, split: str) -> Path:
         return self.folder / "problems" / f"{split}.jsonl"
@@ -276,7 +300,7 @@ def train_policy(world: World, settings: PolicyTraining, progress: bool = True) 
     known = _reusable(world.policy_dir, config, "policy")
     if known is not None:
         return known
-    _invalidate(world.reward_dir, world.folder / "compare")
+    _invalidate(world.reward_lm_dir, world.reward_dir, world.folder / "compare")
     started = time.perf_counter()
     L.seed_everything(world.seed, workers=True, verbose=False)
     tokenizer = arithmetic_tokenizer()
@@ -372,12 +396,16 @@ def train_reward(
 
     L.seed_everything(world.seed, workers=True, verbose=False)
     if settings.init == "policy":
-        model = reward_from_policy(world.policy_dir, world.seed + 1, settings.extra_layers)
+        body = world.policy_dir
+        if settings.pretrain_steps:
+            body = train_reward_body(world, settings, policy_record, progress)
+        model = reward_from_policy(body, world.seed + 1, settings.extra_layers)
     else:
         model = new_reward(policy.tokenizer, settings.size, world.seed + 1)
     formatter = _formatter(model, policy)
-    gold = _gold_ids(world, policy) if settings.step_weight else None
-    train, val = RewardExamples(train_samples, formatter, gold), RewardExamples(val_samples, formatter, gold)
+    gold = _gold_ids(world, policy) if settings.step_weight or settings.label == "chain" else None
+    train = RewardExamples(train_samples, formatter, gold, settings.label)
+    val = RewardExamples(val_samples, formatter, gold, settings.label)
     if train.positive_rate in (0.0, 1.0):
         raise DataError(
             f"every policy sample is {'wrong' if train.positive_rate == 0 else 'right'}; the reward model has "
@@ -385,7 +413,8 @@ def train_reward(
         )
     data = RewardDataModule(train, val, policy.tokenizer.pad_token_id, settings.problems_per_batch, world.seed)
     optim = OptimSettings(settings.lr, settings.weight_decay, settings.warmup_fraction)
-    module = RewardModule(model, optim, settings.loss, settings.step_weight)
+    body_layers = model.config.num_hidden_layers - settings.extra_layers if settings.init == "policy" else 0
+    module = RewardModule(model, optim, settings.loss, settings.step_weight, body_layers, settings.body_lr_scale)
     trainer = _trainer(-1, settings.epochs, None, world.folder / "reward_logs", progress)
     trainer.fit(module, datamodule=data)
     training_s = time.perf_counter() - started - sampling_s
@@ -399,6 +428,7 @@ def train_reward(
     metrics = {
         "train_samples": len(train.rows),
         "train_positive_rate": train.positive_rate,
+        "train_right_answer_rate": sum(s.correct for s in train_samples) / len(train_samples),
         "val_samples": len(val.rows),
         "val_positive_rate": val.positive_rate,
         **reward_quality(world.reward_dir, policy, val_samples),
@@ -407,12 +437,64 @@ def train_reward(
         "settings": config,
         "parameters": sum(p.numel() for p in model.parameters()),
         "metrics": metrics,
+        "body": _load_training(world.reward_lm_dir) if settings.init == "policy" and settings.pretrain_steps else None,
         "sampling_s": sampling_s,
         "training_s": training_s,
         "wall_time_s": time.perf_counter() - started,
     }
     (world.reward_dir / TRAINING_FILE).write_text(json.dumps(record, indent=2))
     return record
+
+
+def train_reward_body(
+    world: World, settings: RewardTraining, policy_record: dict[str, Any], progress: bool = True
+) -> Path:
+    """The reward model's starting body: the policy trained ``settings.pretrain_steps`` more steps on gold chains
+    of thought (a stream seeded apart from the policy's, excluding every held-out question), saved in
+    ``world.reward_lm_dir`` and reused by a rerun with the same settings."""
+    import lightning as L
+
+    from nabla.worlds.arithmetic.training import OptimSettings, PolicyDataModule, PolicyModule
+
+    config = {
+        "steps": settings.pretrain_steps,
+        "lr": settings.pretrain_lr,
+        "batch_size": settings.pretrain_batch_size,
+        "seed": world.seed,
+        "policy": policy_record["settings"],
+    }
+    folder = world.reward_lm_dir
+    record = _load_training(folder)
+    if record is not None and record["settings"] == json.loads(json.dumps(config)):
+        return folder
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    started = time.perf_counter()
+    L.seed_everything(world.seed + 2, workers=True, verbose=False)
+    tokenizer = AutoTokenizer.from_pretrained(str(world.policy_dir))
+    model = LlamaForCausalLM.from_pretrained(str(world.policy_dir), dtype=torch.float32)
+    data = PolicyDataModule(
+        tokenizer,
+        world.task,
+        world.splits.held_out(),
+        world.splits.dev,
+        train_size=settings.pretrain_steps * settings.pretrain_batch_size,
+        batch_size=settings.pretrain_batch_size,
+        seed=world.seed + 2,  # other problems than the policy's (the task may repeat some: it has few distinct ones)
+    )
+    optim = OptimSettings(settings.pretrain_lr, settings.weight_decay, settings.warmup_fraction)
+    trainer = _trainer(settings.pretrain_steps, 1, settings.pretrain_steps, world.folder / "reward_lm_logs", progress)
+    trainer.fit(PolicyModule(model, optim), datamodule=data)
+
+    def save(target: Path) -> None:
+        model.save_pretrained(target)
+        tokenizer.save_pretrained(target)
+
+    _save_atomically(folder, save)
+    metrics = {key: float(value) for key, value in trainer.callback_metrics.items()}
+    record = {"settings": config, "metrics": metrics, "training_s": time.perf_counter() - started}
+    (folder / TRAINING_FILE).write_text(json.dumps(record, indent=2))
+    return folder
 
 
 def _gold_ids(world: World, policy) -> dict[str, list[int]]:

@@ -40,8 +40,12 @@ class OptimSettings:
     weight_decay: float = 0.01
     warmup_fraction: float = 0.1
 
-    def configure(self, module: L.LightningModule) -> dict:
-        optimizer = torch.optim.AdamW(module.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+    def configure(self, module: L.LightningModule, groups: list[dict] | None = None) -> dict:
+        """``groups``: optional parameter groups, each with an ``lr_scale`` (default: every parameter at ``lr``)."""
+        if groups is None:
+            groups = [{"params": list(module.parameters())}]
+        groups = [{"params": g["params"], "lr": self.lr * g.get("lr_scale", 1.0)} for g in groups]
+        optimizer = torch.optim.AdamW(groups, lr=self.lr, weight_decay=self.weight_decay)
         total = max(1, int(module.trainer.estimated_stepping_batches))
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: warmup_cosine(step, total, self.warmup_fraction)
@@ -209,6 +213,10 @@ class RewardExamples(Dataset):
     first token that departs from it. In this task the correct chain is unique, so departing from it *is* an
     error (these labels come from exact grading of each step). They serve an auxiliary loss; the outcome label
     sits at the last token, where the reward is read. ``-1`` marks positions without a label (the prompt).
+
+    ``label``: ``outcome`` (the final answer is right) or ``chain`` (the response *is* the gold chain of thought:
+    every step right). The weak policy often reaches the right answer through wrong steps (a third of its right
+    answers); ``chain`` labels do not reward those, and agree with the per-token labels at every position.
     """
 
     def __init__(
@@ -216,15 +224,21 @@ class RewardExamples(Dataset):
         samples: Sequence[Sample],
         reward: SequenceClassifierReward,
         gold: dict[str, list[int]] | None = None,
+        label: str = "outcome",
     ) -> None:
+        if label not in ("outcome", "chain") or (label == "chain" and gold is None):
+            raise ValueError(f"label must be 'outcome', or 'chain' with gold responses (got {label!r})")
         groups: dict[str, list[Row]] = {}
         for s in samples:
             ids = reward.input_ids(s.prompt, s.response, s.token_ids).tolist()
             steps = [-1.0] * len(ids)
             if gold is not None:
                 steps = _prefix_labels(s.token_ids, gold[s.problem_id], len(ids))
-            steps[-1] = float(s.correct)
-            groups.setdefault(s.problem_id, []).append((ids, float(s.correct), steps))
+            target = s.correct
+            if label == "chain":  # right answer *and* every step right (the gold chain of thought, EOS included)
+                target = s.correct and list(s.token_ids) == gold[s.problem_id]
+            steps[-1] = float(target)
+            groups.setdefault(s.problem_id, []).append((ids, float(target), steps))
         self.groups = list(groups.values())
 
     def __len__(self) -> int:
@@ -312,9 +326,15 @@ class RewardModule(L.LightningModule):
         optim: OptimSettings,
         loss: str = "pairwise",
         step_weight: float = 0.0,
+        body_layers: int = 0,
+        body_lr_scale: float = 1.0,
     ) -> None:
+        """``body_layers`` / ``body_lr_scale``: the embeddings and first ``body_layers`` decoder layers (the ones
+        taken from a trained language model) learn at ``body_lr_scale`` times the learning rate, the rest (new
+        layers, final norm, score head) at the full rate."""
         super().__init__()
         self.model, self.optim, self.loss_kind, self.step_weight = model, optim, loss, step_weight
+        self.body_layers, self.body_lr_scale = body_layers, body_lr_scale
         # a SequenceClassifierReward used for formatting froze the model and put it in eval mode
         self.model.requires_grad_(True).train()
         self.val_auc = BinaryAUROC()
@@ -354,4 +374,11 @@ class RewardModule(L.LightningModule):
         self.log("val/auc", self.val_auc, prog_bar=True)
 
     def configure_optimizers(self) -> dict:
-        return self.optim.configure(self)
+        if self.body_lr_scale == 1.0 or not self.body_layers:
+            return self.optim.configure(self)
+        body = getattr(self.model, self.model.base_model_prefix)
+        layers = body.layers[: self.body_layers]
+        old = [*body.embed_tokens.parameters(), *(p for layer in layers for p in layer.parameters())]
+        known = {id(p) for p in old}
+        new = [p for p in self.parameters() if id(p) not in known]
+        return self.optim.configure(self, [{"params": old, "lr_scale": self.body_lr_scale}, {"params": new}])
