@@ -61,7 +61,7 @@ def _row(summary: MethodSummary) -> list[str]:
         f"{cost.get('model_calls', 0.0):.0f}",
         f"{cost.get('generated_tokens', 0.0):.0f}",
         f"{cost.get('flops', 0.0):.3g}",
-        f"{cost.get('wall_time_s', 0.0):.1f}",
+        f"{cost.get('wall_time_s', 0.0):.3g}",
         _percent(summary.rejection_rate) if proposals else "–",
     ]
 
