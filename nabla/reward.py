@@ -3,8 +3,10 @@ one-hot tokens over the *policy's* vocabulary, with the prompt's key/value state
 
 from __future__ import annotations
 
+import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
@@ -374,13 +376,21 @@ class SequenceClassifierReward(TransformerReward):
     ) -> SequenceClassifierReward:
         """Load from a local folder or hub name; ``adapter`` is a peft adapter (with its score head) merged on top."""
         tokenizer = load_pretrained(AutoTokenizer, name_or_path)
-        model = load_pretrained(
-            AutoModelForSequenceClassification, name_or_path, dtype=resolve_dtype(dtype), num_labels=1, **model_kwargs
-        ).to(device)
+        # with an adapter, the base's missing score head is expected (the adapter brings it): no load report
+        with _quiet_transformers(adapter is not None):
+            model = load_pretrained(
+                AutoModelForSequenceClassification,
+                name_or_path,
+                dtype=resolve_dtype(dtype),
+                num_labels=1,
+                **model_kwargs,
+            ).to(device)
         if adapter is not None:
             from peft import PeftModel
 
-            model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+            with warnings.catch_warnings():  # peft's merge reads an attribute transformers 5 deprecates
+                warnings.simplefilter("ignore", FutureWarning)
+                model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
         if model.config.pad_token_id is None and tokenizer.pad_token_id is not None:
             model.config.pad_token_id = tokenizer.pad_token_id
         return cls(model, tokenizer, chat_template=chat_template, min_vocab_coverage=min_vocab_coverage)
@@ -403,3 +413,16 @@ class SequenceClassifierReward(TransformerReward):
         opening = self.tokenizer(before, add_special_tokens=False)["input_ids"]
         closing = self.tokenizer(after, add_special_tokens=False)["input_ids"] if after else []
         return tuple(opening), tuple(closing)
+
+
+@contextmanager
+def _quiet_transformers(quiet: bool) -> Iterator[None]:
+    from transformers.utils import logging as hf_logging
+
+    previous = hf_logging.get_verbosity()
+    if quiet:
+        hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(previous)
