@@ -128,15 +128,17 @@ def report(runs: dict[str, dict], args: argparse.Namespace) -> dict:
             f"{row['peak_mb']:.0f}",
         )
     console.print(table)
-    fast, slow = runs["accelerated"]["records"], runs["reference"]["records"]
-    same = [a["tokens"] == b["tokens"] for a, b in zip(fast, slow)]
-    ratios = {
-        "identical_tokens_reference": f"{sum(same)}/{len(same)}",
-        "passes_outside_rollouts_reduction": summary["reference"]["outside"] / summary["accelerated"]["outside"],
-        "model_calls_reduction": summary["reference"]["calls"] / summary["accelerated"]["calls"],
-        "flops_reduction": summary["reference"]["flops"] / summary["accelerated"]["flops"],
-        "wall_time_speedup": summary["reference"]["wall_s"] / summary["accelerated"]["wall_s"],
-    }
+    fast = runs["accelerated"]["records"]
+    ratios: dict = {}
+    if "reference" in runs:
+        same = [a["tokens"] == b["tokens"] for a, b in zip(fast, runs["reference"]["records"])]
+        ratios = {
+            "identical_tokens_reference": f"{sum(same)}/{len(same)}",
+            "passes_outside_rollouts_reduction": summary["reference"]["outside"] / summary["accelerated"]["outside"],
+            "model_calls_reduction": summary["reference"]["calls"] / summary["accelerated"]["calls"],
+            "flops_reduction": summary["reference"]["flops"] / summary["accelerated"]["flops"],
+            "wall_time_speedup": summary["reference"]["wall_s"] / summary["accelerated"]["wall_s"],
+        }
     if "batched" in runs:
         batched = runs["batched"]["records"]
         ratios["identical_tokens_batched"] = f"{sum(a['tokens'] == b['tokens'] for a, b in zip(fast, batched))}/{count}"
