@@ -12,16 +12,18 @@ from nabla import Policy, SequenceClassifierReward
 
 
 def load_models(model: str) -> tuple[Policy, SequenceClassifierReward]:
-    """``default``: SmolLM2-135M-Instruct with a score head on the same backbone; ``tiny``: models from configs.
+    """``default``: SmolLM2-135M-Instruct with a score head on the same backbone; ``tiny``: models from configs
+    (``tiny-peaked``: with peaked next-token distributions, so that DTO runs also end with the token kept).
 
     The benchmarks time compute, which does not depend on whether the score head was trained, so the default
     case falls back to an untrained head when the trained adapter is absent.
     """
-    if model == "tiny":
+    if model in ("tiny", "tiny-peaked"):
         from nabla.tiny import tiny_causal_lm, tiny_classifier, tiny_tokenizer
 
         tokenizer = tiny_tokenizer()
-        policy = Policy(tiny_causal_lm(tokenizer, max_position_embeddings=4096), tokenizer)
+        peak = 20.0 if model == "tiny-peaked" else 1.0
+        policy = Policy(tiny_causal_lm(tokenizer, peak=peak, max_position_embeddings=4096), tokenizer)
         reward = SequenceClassifierReward(tiny_classifier(tokenizer, max_position_embeddings=4096), tokenizer)
     else:
         from nabla.config import PolicySpec, RewardSpec
@@ -31,7 +33,8 @@ def load_models(model: str) -> tuple[Policy, SequenceClassifierReward]:
         try:
             reward = RewardSpec(name_or_path=model).load(policy)
         except ModelNotFoundError:
-            reward = SequenceClassifierReward.from_pretrained(PolicySpec(name_or_path=model).resolved_path())
+            path = PolicySpec(name_or_path=model).resolved_path()
+            reward = SequenceClassifierReward.from_pretrained(path, allow_untrained_head=True)
     reward.bind(policy)
     return policy, reward
 

@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "rl-vs-testtime": ("nabla.rl.compare:rl_vs_testtime", "RL fine-tuning vs ∇-Reasoner, arithmetic world"),
     "duality": ("nabla.worlds.enumerable.duality:duality", "measure RL, ∇-Reasoner and Langevin DTO against exact ρ*"),
     "arithmetic": ("nabla.worlds.arithmetic.pipeline:arithmetic", "arithmetic world: train both models and compare"),
+    "recipes": ("nabla.recipebook:recipes", "list the recipes shipped with nabla (`--config <name>` runs one)"),
 }
 
 
@@ -40,23 +41,97 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+#: subcommand -> parameters of its function that only Python callers can pass (not options)
+PYTHON_ONLY: dict[str, frozenset[str]] = {
+    "evaluate": frozenset({"problems"}),
+    "compare": frozenset({"problems"}),
+}
+
+
+def _description(function: Callable[..., Any]) -> str:
+    """The docstring without its ``Args:`` section (jsonargparse gives each option its own line of help)."""
+    from docstring_parser import parse
+
+    doc = parse(inspect.getdoc(function) or "")
+    return "\n\n".join(part for part in (doc.short_description, doc.long_description) if part)
+
+
+def _read_shared_docs() -> None:
+    """Teach docstring-parser (which jsonargparse reads ``Args:`` with) this package's way of documenting related
+    fields together, ``lr, weight_decay: AdamW on the adapter.``: each name gets the shared description instead of
+    none (docstring-parser would document one parameter called ``"lr, weight_decay"``). Installed once."""
+    import copy
+
+    import docstring_parser
+
+    if getattr(docstring_parser.parse, "_nabla_shared_docs", False):
+        return
+    parse = docstring_parser.parse
+
+    def parse_shared(text: str | None, *args: Any, **kwargs: Any) -> Any:
+        doc = parse(text, *args, **kwargs)
+        meta = []
+        for item in doc.meta:
+            if isinstance(item, docstring_parser.DocstringParam) and "," in item.arg_name:
+                for name in (part.strip() for part in item.arg_name.split(",")):
+                    single = copy.copy(item)
+                    single.arg_name, single.args = name, [*item.args[:-1], name]
+                    meta.append(single)
+            else:
+                meta.append(item)
+        doc.meta = meta
+        return doc
+
+    parse_shared._nabla_shared_docs = True  # type: ignore[attr-defined]
+    docstring_parser.parse = parse_shared
+
+
 def build_parser(command: str):
     """The jsonargparse parser of one subcommand, built from its function's signature and docstring."""
     from jsonargparse import ActionConfigFile, ArgumentParser
 
+    _read_shared_docs()
     function = _load(COMMANDS[command][0])
-    parser = ArgumentParser(prog=f"nabla {command}", description=inspect.getdoc(function), exit_on_error=False)
+    parser = ArgumentParser(prog=f"nabla {command}", description=_description(function), exit_on_error=False)
     parser.add_argument("--config", action=ActionConfigFile, help="a YAML recipe; later options override it")
-    parser.add_function_arguments(function, fail_untyped=True)
+    parser.add_function_arguments(function, fail_untyped=True, skip=set(PYTHON_ONLY.get(command, ())))
     return parser, function
 
 
 def run(command: str, args: Sequence[str]) -> Any:
+    from nabla.progress import silenced
+    from nabla.recipebook import resolve_config_args
+
     parser, function = build_parser(command)
+    args = resolve_config_args(args)  # `--config default`: the packaged recipe of that name
+    _check_recipes(args)
     config = parser.parse_args(list(args))
     config.pop("config", None)
-    init = parser.instantiate_classes(config)
-    return function(**{key: init[key] for key in inspect.signature(function).parameters if key in init})
+    init = parser.instantiate(config)
+    kwargs = {key: init[key] for key in inspect.signature(function).parameters if key in init}
+    with silenced(kwargs.get("progress") is False):  # --progress false: no bar of ours, nor anyone else's
+        return function(**kwargs)
+
+
+def _check_recipes(args: Sequence[str]) -> None:
+    """Refuse a ``--config`` file that is not text in one line (the YAML reader would raise a traceback)."""
+    from pathlib import Path
+
+    from nabla.errors import ConfigurationError
+
+    paths = [b for a, b in zip(args, args[1:]) if a == "--config"] + [
+        a.split("=", 1)[1] for a in args if a.startswith("--config=")
+    ]
+    for path in map(Path, paths):
+        if not path.is_file():
+            continue  # jsonargparse names a missing file itself
+        try:
+            path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise ConfigurationError(
+                f"the recipe {str(path)!r} is not a text file (byte {error.start}: {error.reason}); pass a YAML "
+                "recipe saved as UTF-8 text"
+            ) from error
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -78,6 +153,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = " ".join(str(error).split())
         hint = f" (see `nabla {command} --help`)" if isinstance(error, ArgumentError) else ""
         print(f"nabla {command}: error: {message}{hint}", file=sys.stderr)
+        return 2
+    except UnicodeDecodeError as error:  # a file read as text that is not: a user's input, not a bug
+        print(
+            f"nabla {command}: error: a file given is not UTF-8 text (byte {error.start}: {error.reason}); pass text "
+            "files (recipes, prompts, datasets) saved as UTF-8",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt:
         print(f"nabla {command}: interrupted; results written so far are kept", file=sys.stderr)

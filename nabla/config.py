@@ -6,17 +6,36 @@ folder saved with ``save_pretrained`` or, while online, a hub name.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
-from nabla.errors import ConfigurationError
-from nabla.policy import Policy
-from nabla.reward import RewardModel, SequenceClassifierReward
+from nabla._typing import TYPE_CHECKING
+from nabla.engines import EngineSpec
+from nabla.errors import ConfigurationError, require_finite
+
+if TYPE_CHECKING:  # the specs load without torch (a fast `--help`); the models are imported by `load`
+    from nabla.policy import Policy
+    from nabla.reward import RewardModel
 
 
 @dataclass
 class PolicySpec:
-    """Which causal LM to load and how."""
+    """Which causal LM to load and how.
+
+    Args:
+        name_or_path: a folder saved with ``save_pretrained``, a hub name (online only), or ``default``: the
+            embedded SmolLM2-135M-Instruct.
+        dtype: the weights' dtype: ``float32``, ``bfloat16`` or ``float16`` (DTO's variables stay float32).
+        device: where to run it (``cpu``, ``cuda``, ``cuda:1``, ...); the reward model must be on the same one.
+        gguf_file: a GGUF file inside ``name_or_path`` to load (dequantised) instead of safetensors weights.
+        adapter: a peft adapter folder merged on top of the weights.
+        chat_template: wrap prompts in the tokenizer's chat template (``null``: when the tokenizer has one).
+        system_prompt: a system turn for the chat template.
+        allow_special_tokens_in_prompt: encode control tokens written in a prompt (``<|im_start|>``, ...) as
+            control tokens, for pre-formatted prompts; by default a prompt is encoded as text and cannot forge a turn.
+        engine: where rollouts come from (:class:`~nabla.engines.EngineSpec`): ``kind: hf`` (this model's own
+            loop, the default), ``vllm`` or ``openai`` (with ``url``); DTO and the reward stay on this model.
+    """
 
     name_or_path: str = "default"
     dtype: str = "float32"
@@ -25,15 +44,26 @@ class PolicySpec:
     adapter: str | None = None
     chat_template: bool | None = None
     system_prompt: str | None = None
+    allow_special_tokens_in_prompt: bool = False
+    engine: EngineSpec = field(default_factory=EngineSpec)
+
+    def __post_init__(self) -> None:
+        check_device_name(self.device)
+        if self.engine.kind != "hf" and (self.adapter is not None or self.gguf_file is not None):
+            raise ConfigurationError(
+                f"engine kind {self.engine.kind} loads the folder's own weights, without adapter or GGUF file; save "
+                "the merged model with save_pretrained and set name_or_path to that folder"
+            )
 
     def resolved_path(self) -> str:
-        if self.name_or_path == "default":
-            from nabla.defaults import default_policy_dir
+        """The folder or hub name to load (``default`` is converted on first use)."""
+        from nabla.defaults import resolve_policy
 
-            return str(default_policy_dir())
-        return self.name_or_path
+        return resolve_policy(self.name_or_path)
 
     def load(self) -> Policy:
+        from nabla.policy import Policy
+
         return Policy.from_pretrained(
             self.resolved_path(),
             dtype=self.dtype,
@@ -42,6 +72,8 @@ class PolicySpec:
             adapter=self.adapter,
             chat_template=self.chat_template,
             system_prompt=self.system_prompt,
+            allow_special_tokens_in_prompt=self.allow_special_tokens_in_prompt,
+            engine=self.engine.build(),
         )
 
 
@@ -50,10 +82,22 @@ class RewardSpec:
     """Which reward to load.
 
     Args:
-        kind: ``classifier`` (a one-label sequence classifier), ``self_judge`` (the policy judging its own
+        kind: ``classifier`` (a trained reward model: a one-label sequence classifier, or a process reward model
+            when its saved config says so, see :mod:`nabla.prm`), ``self_judge`` (the policy judging its own
             answer, no training needed), or ``none``.
         name_or_path: the classifier's folder or hub name; ``default`` is the embedded trained reward model.
         adapter: a peft adapter (with its score head) merged on top of ``name_or_path``.
+        dtype: the weights' dtype: ``float32``, ``bfloat16`` or ``float16``.
+        device: where to run it; the same device as the policy.
+        chat_template: score the response as the assistant turn of the reward model's chat template (``null``:
+            when its tokenizer has one); otherwise ``prompt + newline + response``.
+        min_vocab_coverage: the least share of the policy's vocabulary that must map onto the reward model's
+            tokens when the two tokenizers differ (DTO feeds it soft tokens over the policy's vocabulary).
+        allow_untrained_head: load a folder without trained head weights (a causal LM's) with a randomly
+            initialised head; refused by default, since its scores mean nothing.
+        allow_special_tokens_in_prompt: as for the policy: encode control tokens written in a prompt as such.
+        aggregation: a process reward model's rule for turning step scores into one reward (``last``, ``min``,
+            ``prod``, ``mean``; ``null``: the one it was saved with).
     """
 
     kind: Literal["classifier", "self_judge", "none"] = "classifier"
@@ -63,6 +107,17 @@ class RewardSpec:
     device: str = "cpu"
     chat_template: bool | None = None
     min_vocab_coverage: float = 0.9
+    allow_untrained_head: bool = False
+    allow_special_tokens_in_prompt: bool = False
+    aggregation: Literal["last", "min", "prod", "mean"] | None = None
+
+    def __post_init__(self) -> None:
+        require_finite(self)
+        if self.aggregation is not None and self.aggregation not in ("last", "min", "prod", "mean"):
+            raise ConfigurationError(f"reward.aggregation must be last, min, prod or mean (got {self.aggregation!r})")
+        if not 0.0 <= self.min_vocab_coverage <= 1.0:
+            raise ConfigurationError(f"min_vocab_coverage must be in [0, 1] (got {self.min_vocab_coverage})")
+        check_device_name(self.device)
 
     def load(self, policy: Policy | None = None) -> RewardModel | None:
         if self.kind == "none":
@@ -72,19 +127,34 @@ class RewardSpec:
 
             if policy is None:
                 raise ConfigurationError("reward.kind=self_judge needs the policy to be loaded first")
-            return SelfJudgeReward.from_policy(policy)
+            judge = SelfJudgeReward.from_policy(policy)
+            judge.allow_special_tokens_in_prompt = self.allow_special_tokens_in_prompt
+            return judge
         if self.kind != "classifier":
             raise ConfigurationError(f"unknown reward kind {self.kind!r}; use classifier, self_judge or none")
-        path, adapter = self.name_or_path, self.adapter
-        if path == "default":
-            from nabla.defaults import default_policy_dir, default_reward_adapter
+        from nabla.defaults import resolve_reward
+        from nabla.reward import RewardModel
 
-            path, adapter = str(default_policy_dir()), str(adapter or default_reward_adapter())
-        return SequenceClassifierReward.from_pretrained(
+        path, adapter = resolve_reward(self.name_or_path, self.adapter)
+        return RewardModel.from_pretrained(
             path,
+            aggregation=self.aggregation,
             dtype=self.dtype,
             device=self.device,
             adapter=adapter,
             chat_template=self.chat_template,
             min_vocab_coverage=self.min_vocab_coverage,
+            allow_untrained_head=self.allow_untrained_head,
+            allow_special_tokens_in_prompt=self.allow_special_tokens_in_prompt,
         )
+
+
+#: device types a spec may name (with an optional ``:index``); whether this machine has one is checked on load
+DEVICE_TYPES: tuple[str, ...] = ("cpu", "cuda", "mps", "xpu", "npu", "hpu")
+
+
+def check_device_name(device: str) -> None:
+    """Refuse a device string that names no device type (``cuda:0`` passes; ``banana`` and ``cuda:x`` do not)."""
+    kind, _, index = str(device).partition(":")
+    if kind not in DEVICE_TYPES or (index and not index.isdigit()) or (_ and not index):
+        raise ConfigurationError(f"unknown device {device!r}; use {', '.join(DEVICE_TYPES[:3])} or e.g. cuda:1")

@@ -22,7 +22,10 @@ CALL_KINDS: tuple[str, ...] = (
     "prefill",
     "selector",
 )
-#: Counters of the decoding loop that are not model calls.
+#: Counters of the decoding loop that are not model calls. Full gradient passes (one forward and backward of each
+#: model at one text) by purpose: ``selector_passes`` for gradient-norm token selection, ``dto_passes`` for DTO steps.
+#: ``grad_steps`` are DTO steps with the gradient at their own text (a pass run for them, or the rollout's pass
+#: shared by reuse); ``cached_steps`` reused the previous step's gradient (the text had not changed).
 EVENT_KINDS: tuple[str, ...] = (
     "rollouts",
     "proposals",
@@ -32,9 +35,12 @@ EVENT_KINDS: tuple[str, ...] = (
     "grad_steps",
     "cached_steps",
     "selector_passes",
+    "dto_passes",
     "wall_time_s",
     "flops",
 )
+#: Kinds that are measured amounts, not counts (counts are reported as integers).
+AMOUNT_KINDS: frozenset[str] = frozenset({"wall_time_s", "flops"})
 
 
 class CostMeter(Metric):
@@ -60,10 +66,15 @@ class CostMeter(Metric):
     def compute(self) -> dict[str, float]:
         return self.snapshot()
 
-    def snapshot(self) -> dict[str, float]:
-        """The current sums, with ``model_calls`` and ``rejection_rate`` derived (safe to call mid-run)."""
-        values = {kind: float(getattr(self, kind)) for kind in CALL_KINDS + EVENT_KINDS}
+    def snapshot(self) -> dict[str, float | int]:
+        """The current sums (counts as integers), with ``model_calls``, ``gradient_passes`` and ``rejection_rate``
+        derived (safe to call mid-run)."""
+        values: dict[str, float | int] = {}
+        for kind in CALL_KINDS + EVENT_KINDS:
+            total = float(getattr(self, kind))
+            values[kind] = total if kind in AMOUNT_KINDS else round(total)
         values["model_calls"] = sum(values[kind] for kind in CALL_KINDS)
+        values["gradient_passes"] = values["selector_passes"] + values["dto_passes"]
         proposals = values["proposals"]
         values["rejection_rate"] = values["rejections"] / proposals if proposals else 0.0
         return values

@@ -61,7 +61,7 @@ class SelfJudgeReward(TransformerReward):
         return (logits[:, 0] - logits[:, 1]).float()
 
     def _template_pieces(self, prompt: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        content = self.question.replace("{prompt}", prompt).replace("{response}", _SENTINEL)
+        content = self.question.replace("{response}", _SENTINEL).replace("{prompt}", self.user_text(prompt))
         if self.use_chat_template:
             messages = [{"role": "user", "content": content}]
             text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
@@ -69,6 +69,6 @@ class SelfJudgeReward(TransformerReward):
         else:
             text, special = content + "\nAnswer:", True
         before, after = text.split(_SENTINEL)
-        opening = self.tokenizer(before, add_special_tokens=special)["input_ids"]
-        closing = self.tokenizer(after, add_special_tokens=False)["input_ids"]
+        opening = self.encode_text(before, add_special_tokens=special)
+        closing = self.encode_text(after)
         return tuple(opening), tuple(closing)

@@ -19,14 +19,15 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
-import torch
-from torch import Tensor
+from nabla._typing import TYPE_CHECKING
+from nabla.errors import ConfigurationError, RewardNotDifferentiableError, require_finite
 
-from nabla.errors import ConfigurationError, RewardNotDifferentiableError
+if TYPE_CHECKING:  # torch is imported where it is used: the settings load without it (a fast `--help`)
+    import torch
+    from torch import Tensor
 
-if TYPE_CHECKING:
     from nabla.cost import CostMeter
     from nabla.policy import LMPrefix, Policy
     from nabla.reward import RewardContext, RewardModel
@@ -43,6 +44,8 @@ class ObjectiveValue:
 
     @property
     def finite(self) -> bool:
+        import torch
+
         return math.isfinite(self.loss) and bool(torch.isfinite(self.grad).all())
 
 
@@ -81,6 +84,8 @@ class DTOObjective:
     def evaluate_batch(objectives: Sequence[DTOObjective], tokens: Sequence[Tensor]) -> list[ObjectiveValue]:
         """:meth:`evaluate` of several objectives (same policy, reward and weights) with one batched forward and
         backward per model. Rows do not interact, so each row's gradient is its own objective's."""
+        import torch
+
         first = objectives[0]
         policy, reward = first.policy, first.reward
         ys = [torch.nn.functional.one_hot(t, policy.vocab_size).float().requires_grad_(True) for t in tokens]
@@ -150,12 +155,16 @@ class StepRecord:
 
 @dataclass
 class DTOResult:
+    """``grad_steps`` steps asked for the objective (a pass each); ``cached_steps`` reused a known one, the first
+    step's being ``initial`` when ``first_step_cached``."""
+
     logits: Tensor
     tokens: Tensor
     history: list[StepRecord] = field(default_factory=list)
     grad_steps: int = 0
     cached_steps: int = 0
     stopped_on_nonfinite: bool = False
+    first_step_cached: bool = False
 
 
 @dataclass
@@ -166,11 +175,15 @@ class LatentOptimizer:
         space: ``"logits"`` optimises each position's logits; ``"latents"`` its last-layer hidden state.
         steps: Adam steps per DTO run.
         lr: peak learning rate; cosine decay to ``min_lr_ratio * lr`` after ``warmup_steps`` of linear warm-up.
-        reward_weight, likelihood_weight: the loss weights (λ = reward_weight / likelihood_weight).
+        min_lr_ratio: the learning rate at the last step, as a share of ``lr``.
+        warmup_steps: steps of linear warm-up before the cosine decay.
+        reward_weight: the reward's weight in the loss (λ = reward_weight / likelihood_weight; 0: likelihood-only).
+        likelihood_weight: the log-likelihood's weight in the loss, which holds the text near the policy.
         temperature: temperature τ of the straight-through softmax.
         gumbel: add fresh Gumbel noise to the straight-through forward at each step (off in the paper).
         update: ``"first"`` updates only the token being decided; ``"suffix"`` the whole look-ahead.
         gradient_caching: reuse ``∂L/∂y`` while the forward text is unchanged (exact).
+        betas: Adam's decay rates of the gradient's first and second moments.
     """
 
     space: Literal["logits", "latents"] = "logits"
@@ -187,6 +200,7 @@ class LatentOptimizer:
     betas: tuple[float, float] = (0.9, 0.999)
 
     def __post_init__(self) -> None:
+        require_finite(self)
         if self.space not in ("logits", "latents"):
             raise ConfigurationError(f"space must be 'logits' or 'latents' (got {self.space!r})")
         if self.update not in ("first", "suffix"):
@@ -205,6 +219,8 @@ class LatentOptimizer:
             raise ConfigurationError("reward_weight and likelihood_weight are both 0: DTO would have nothing to do")
         if not self.temperature > 0:
             raise ConfigurationError(f"temperature must be > 0 (got {self.temperature})")
+        if len(self.betas) != 2 or not all(0.0 <= beta < 1.0 for beta in self.betas):
+            raise ConfigurationError(f"betas must be two numbers in [0, 1) (got {self.betas})")
 
     @property
     def lam(self) -> float:
@@ -256,6 +272,8 @@ class LatentOptimizer:
     ) -> Generator[Tensor, ObjectiveValue, DTOResult]:
         """:meth:`run` as a coroutine: it yields each hard look-ahead it needs the objective at and is sent the
         :class:`ObjectiveValue` back (so that the objectives of several prompts can be evaluated as one batch)."""
+        import torch
+
         if self.space == "latents" and head is None:
             raise ConfigurationError("latents space needs the policy's LM head")
         to_logits = head if self.space == "latents" else (lambda v: v)
@@ -278,6 +296,7 @@ class LatentOptimizer:
             if hit:
                 value = cached
                 result.cached_steps += 1
+                result.first_step_cached = result.first_step_cached or step == 0
             else:
                 value = yield tokens
                 result.grad_steps += 1
@@ -324,6 +343,8 @@ class LatentOptimizer:
         ``s = softmax(forward_logits / τ)``: only ``s`` carries gradient. In logits space (``forward_logits`` is
         ``z`` plus constant noise) it is the softmax Jacobian in closed form, ``s ⊙ (g - <g, s>) / τ``, with no
         autograd graph (most DTO steps are cached ones, where that graph was most of the cost)."""
+        import torch
+
         g = grad_y.to(forward_logits.device, torch.float32)
         if analytic:
             with torch.no_grad():
@@ -339,6 +360,8 @@ class LatentOptimizer:
     def _forward_tokens(logits: Tensor, first_argmax: Tensor, anchors: Tensor, anchored: bool) -> Tensor:
         """The straight-through forward's tokens: a position shows its rollout token until the optimisation
         moves its argmax away from where it started (the rollout token is a sample, not always the argmax)."""
+        import torch
+
         argmax = logits.argmax(-1)
         if not anchored:
             return argmax
@@ -346,6 +369,8 @@ class LatentOptimizer:
 
     @staticmethod
     def _gumbel(logits: Tensor, generator: torch.Generator | None) -> Tensor:
+        import torch
+
         uniform = torch.rand(logits.shape, generator=generator, dtype=torch.float32).clamp_(1e-10, 1.0 - 1e-7)
         return -torch.log(-torch.log(uniform)).to(logits.device)
 
@@ -355,16 +380,20 @@ class _Adam:
     per-step dispatch overhead: DTO takes thousands of tiny steps, where that overhead dominated."""
 
     def __init__(self, parameter: Tensor, betas: tuple[float, float], eps: float = 1e-8) -> None:
+        import torch
+
         self.parameter, self.betas, self.eps, self.steps = parameter, betas, eps, 0
         self.first = torch.zeros_like(parameter, memory_format=torch.preserve_format)
         self.second = torch.zeros_like(parameter, memory_format=torch.preserve_format)
 
-    @torch.no_grad()
     def step(self, grad: Tensor, lr: float) -> None:
+        import torch
+
         beta1, beta2 = self.betas
         self.steps += 1
-        self.first.lerp_(grad, 1 - beta1)
-        self.second.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        step_size = lr / (1 - beta1**self.steps)
-        denominator = (self.second.sqrt() / math.sqrt(1 - beta2**self.steps)).add_(self.eps)
-        self.parameter.addcdiv_(self.first, denominator, value=-step_size)
+        with torch.no_grad():
+            self.first.lerp_(grad, 1 - beta1)
+            self.second.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            step_size = lr / (1 - beta1**self.steps)
+            denominator = (self.second.sqrt() / math.sqrt(1 - beta2**self.steps)).add_(self.eps)
+            self.parameter.addcdiv_(self.first, denominator, value=-step_size)

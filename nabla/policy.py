@@ -4,7 +4,9 @@ soft (straight-through) tokens after a cached prefix."""
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+import re
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,7 +16,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from transformers.cache_utils import Cache, DynamicCache
 
 from nabla.cost import CostMeter, forward_flops, matmul_parameters
-from nabla.errors import ConfigurationError, ModelNotFoundError, PromptError
+from nabla.engines import EngineRequest, HFEngine, RolloutEngine, engine_seed
+from nabla.errors import ConfigurationError, CorruptModelError, ModelNotFoundError, PromptError
 from nabla.kv import (
     cache_length,
     forward_after_prefixes,
@@ -73,12 +76,40 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
 
 
 def load_pretrained(loader: Any, name_or_path: str, **kwargs: Any) -> Any:
-    """``loader.from_pretrained`` with a one-line error when the weights are not there (offline or misspelt)."""
+    """``loader.from_pretrained`` with a one-line error when the weights are not there (offline or misspelt) or
+    cannot be read (a truncated or corrupt file)."""
     looks_local = name_or_path.startswith((".", "/", "~")) or os.sep in name_or_path.strip(os.sep).replace("/", "", 1)
     if looks_local and not os.path.isdir(os.path.expanduser(name_or_path)):
         raise ModelNotFoundError(f"no model folder at {name_or_path!r}; pass a folder saved with save_pretrained")
-    try:
+    with loading_errors(name_or_path):
         return loader.from_pretrained(name_or_path, **kwargs)
+
+
+def load_adapter(model: PreTrainedModel, adapter: str) -> PreTrainedModel:
+    """``model`` with the peft adapter folder ``adapter`` merged in, with :func:`load_pretrained`'s errors."""
+    import warnings
+
+    from peft import PeftModel
+
+    if not os.path.isdir(os.path.expanduser(adapter)):
+        raise ModelNotFoundError(f"no adapter folder at {adapter!r}; pass a folder saved by peft's save_pretrained")
+    with loading_errors(adapter), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # peft's merge reads an attribute transformers 5 deprecates
+        return PeftModel.from_pretrained(model, adapter).merge_and_unload()
+
+
+@contextmanager
+def loading_errors(name_or_path: str) -> Iterator[None]:
+    """Turn what a ``from_pretrained`` raises for missing or unreadable files into one-line typed errors."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except SafetensorError as error:
+        raise CorruptModelError(
+            f"the weights in {name_or_path!r} cannot be read ({str(error).splitlines()[0]}): the file is truncated "
+            "or corrupt; save or copy the model again"
+        ) from error
     except (OSError, ValueError) as error:
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
         hint = " (HF_HUB_OFFLINE=1: only local folders and cached names load)" if offline else ""
@@ -86,6 +117,100 @@ def load_pretrained(loader: Any, name_or_path: str, **kwargs: Any) -> Any:
             f"cannot load {name_or_path!r}{hint}: {str(error).splitlines()[0]}; pass a local folder saved with "
             "save_pretrained, or a hub name while online"
         ) from error
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``device`` as a torch device, refused in one line when it is not a device or this machine lacks it."""
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as error:
+        raise ConfigurationError(f"unknown device {str(device)!r}; use cpu, cuda, cuda:<index> or mps") from error
+    try:
+        torch.empty(0, device=resolved)
+    except (AssertionError, RuntimeError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConfigurationError(
+            f"device {str(device)!r} is not available on this machine ({reason}); set the device to cpu or to one "
+            "this machine has"
+        ) from error
+    return resolved
+
+
+# ---------------------------------------------------------------------------------------------- untrusted text
+# Private-use code points (as transformers' own sanitiser uses) that wrap a control token found in a user's text.
+_MARK_START, _MARK_END = "\U000f0000", "\U000f0001"
+_MARKED = re.compile(f"{_MARK_START}(.*?){_MARK_END}", re.DOTALL)
+
+
+def control_tokens(tokenizer: PreTrainedTokenizerBase) -> tuple[str, ...]:
+    """The strings ``tokenizer`` turns into control tokens (its special and other added tokens), longest first."""
+    added = getattr(tokenizer, "added_tokens_decoder", {}).values()
+    found = {token.content for token in added if token.content.strip()}
+    found.update(token for token in tokenizer.all_special_tokens if token.strip())
+    return tuple(sorted(found, key=len, reverse=True))
+
+
+def mark_control_tokens(tokenizer: PreTrainedTokenizerBase, text: str) -> str:
+    """``text`` (a user's) with every control-token string in it wrapped in private markers, which
+    :func:`encode_marked` spells as plain text. Render a chat template around the marked text, then encode it."""
+    text = text.replace(_MARK_START, "").replace(_MARK_END, "")
+    tokens = control_tokens(tokenizer)
+    if not tokens:
+        return text
+    pattern = "|".join(map(re.escape, tokens))
+    return re.sub(pattern, lambda match: f"{_MARK_START}{match.group(0)}{_MARK_END}", text)
+
+
+def encode_marked(tokenizer: PreTrainedTokenizerBase, text: str, *, add_special_tokens: bool = False) -> list[int]:
+    """Token ids of ``text``: control tokens marked by :func:`mark_control_tokens` spelt as plain text, the rest
+    (the chat template's own control tokens included) encoded as usual; text without marks encodes exactly as
+    ``tokenizer(text)`` does.
+
+    Raises :class:`~nabla.errors.PromptError` when the tokenizer cannot spell a marked token as plain text (a
+    word-level vocabulary that holds the marker itself).
+    """
+    pieces = _MARKED.split(text.replace(_MARK_START + _MARK_END, ""))
+    if len(pieces) == 1:
+        return _plain_ids(tokenizer, _unmark(text), add_special_tokens)
+    ids: list[int] = []
+    # an unknown word may spell as the unknown token: harmless, and not a control token of the template
+    forbidden = {*tokenizer.all_special_ids, *tokenizer.convert_tokens_to_ids(list(control_tokens(tokenizer)))}
+    forbidden.discard(tokenizer.unk_token_id)
+    for index, piece in enumerate(pieces):
+        if not piece:
+            continue
+        if index % 2 == 0:  # the template's text and the user's ordinary text
+            ids += _plain_ids(tokenizer, _unmark(piece), False)
+            continue
+        spelt = tokenizer(piece, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        if forbidden.intersection(spelt):
+            raise PromptError(
+                f"the text contains {piece!r}, a control token that this tokenizer cannot spell as plain text; "
+                "remove it, or set allow_special_tokens_in_prompt=true to pass pre-formatted text"
+            )
+        ids += spelt
+    if add_special_tokens:
+        before, after = _special_wrapping(tokenizer)
+        ids = [*before, *ids, *after]
+    return ids
+
+
+def _unmark(text: str) -> str:
+    return text.replace(_MARK_START, "").replace(_MARK_END, "")
+
+
+def _plain_ids(tokenizer: PreTrainedTokenizerBase, text: str, add_special_tokens: bool) -> list[int]:
+    return tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"] if text else []
+
+
+def _special_wrapping(tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[int]]:
+    """The ids ``add_special_tokens=True`` puts before and after a text (e.g. a BOS token)."""
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    wrapped = tokenizer("a", add_special_tokens=True)["input_ids"]
+    for start in range(len(wrapped) - len(plain) + 1):
+        if wrapped[start : start + len(plain)] == plain:
+            return wrapped[:start], wrapped[start + len(plain) :]
+    return [], []
 
 
 class Policy:
@@ -97,6 +222,10 @@ class Policy:
         chat_template: wrap prompts in the tokenizer's chat template (``None``: when the tokenizer has one).
         system_prompt: optional system turn for the chat template.
         eos_token_ids: tokens that end a response (default: the tokenizer's and generation config's EOS).
+        allow_special_tokens_in_prompt: encode control tokens written in the prompt (``<|im_start|>``, ...) as
+            control tokens, for callers who pass pre-formatted text; by default a prompt's text is always encoded
+            as text, so it cannot forge a turn of the chat template.
+        engine: where rollouts come from (:mod:`nabla.engines`; default: this policy's own transformers loop).
     """
 
     def __init__(
@@ -107,6 +236,8 @@ class Policy:
         chat_template: bool | None = None,
         system_prompt: str | None = None,
         eos_token_ids: Sequence[int] | None = None,
+        allow_special_tokens_in_prompt: bool = False,
+        engine: RolloutEngine | None = None,
     ) -> None:
         self.model = model.eval()
         for parameter in self.model.parameters():
@@ -117,9 +248,12 @@ class Policy:
             raise ConfigurationError("chat_template=True but the tokenizer has none; set chat_template=false")
         self.use_chat_template = has_template if chat_template is None else chat_template
         self.system_prompt = system_prompt
+        self.allow_special_tokens_in_prompt = allow_special_tokens_in_prompt
         self._eos_override = None if eos_token_ids is None else {int(i) for i in eos_token_ids}
         self.params = matmul_parameters(model)
         self._head_fp32: tuple[Tensor, Tensor | None] | None = None
+        self.engine: RolloutEngine = engine if engine is not None else HFEngine()
+        self.engine.bind(self)
 
     @classmethod
     def from_pretrained(
@@ -132,19 +266,36 @@ class Policy:
         adapter: str | None = None,
         chat_template: bool | None = None,
         system_prompt: str | None = None,
+        allow_special_tokens_in_prompt: bool = False,
+        engine: RolloutEngine | None = None,
         **model_kwargs: Any,
     ) -> Policy:
-        """Load a causal LM from a local folder or a hub name; ``adapter`` is a peft adapter merged on top."""
+        """Load a causal LM from a local folder or a hub name (``default``: the embedded SmolLM2-135M-Instruct,
+        offline); ``adapter`` is a peft adapter merged on top; ``engine`` produces the rollouts (default: ``hf``)."""
+        if engine is not None and not engine.in_process and (adapter is not None or gguf_file is not None):
+            raise ConfigurationError(
+                f"the {engine.name} engine loads the weights of the folder itself, without adapter or GGUF file; save "
+                "the merged model with save_pretrained and load that folder"
+            )
+        from nabla.defaults import resolve_policy
+
+        name_or_path = resolve_policy(name_or_path)
+        device = resolve_device(device)
         extra = {"gguf_file": gguf_file} if gguf_file else {}
         tokenizer = load_pretrained(AutoTokenizer, name_or_path, **extra)
         model = load_pretrained(
             AutoModelForCausalLM, name_or_path, dtype=resolve_dtype(dtype), **extra, **model_kwargs
         ).to(device)
         if adapter is not None:
-            from peft import PeftModel
-
-            model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
-        return cls(model, tokenizer, chat_template=chat_template, system_prompt=system_prompt)
+            model = load_adapter(model, adapter)
+        return cls(
+            model,
+            tokenizer,
+            chat_template=chat_template,
+            system_prompt=system_prompt,
+            allow_special_tokens_in_prompt=allow_special_tokens_in_prompt,
+            engine=engine,
+        )
 
     # ------------------------------------------------------------------ properties
     @property
@@ -186,11 +337,15 @@ class Policy:
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
     def encode(self, prompt: str) -> Tensor:
-        """Token ids of the formatted prompt (1-D, on the policy's device)."""
+        """Token ids of the formatted prompt (1-D, on the policy's device). Control tokens written in the prompt
+        are encoded as plain text unless ``allow_special_tokens_in_prompt``; the template's own stay control tokens."""
         if not isinstance(prompt, str) or not prompt.strip():
             raise PromptError("the prompt is empty; pass the question text")
-        text = self.format_prompt(prompt)
-        ids = self.tokenizer(text, add_special_tokens=not self.use_chat_template)["input_ids"]
+        if self.allow_special_tokens_in_prompt:
+            text = self.format_prompt(prompt)
+        else:
+            text = self.format_prompt(mark_control_tokens(self.tokenizer, prompt))
+        ids = encode_marked(self.tokenizer, text, add_special_tokens=not self.use_chat_template)
         if not ids:
             raise PromptError("the prompt tokenises to nothing; pass a longer prompt")
         window = self.context_window
@@ -218,6 +373,7 @@ class Policy:
         caches: Sequence[Cache | None] | None = None,
         keep_cache: bool = False,
         meter: CostMeter | Sequence[CostMeter | None] | None = None,
+        on_step: Callable[[list[int]], None] | None = None,
     ) -> list[Rollout]:
         """Sample one continuation per context, row ``b`` with ``generators[b]``.
 
@@ -226,10 +382,16 @@ class Policy:
                 then not re-encoded (a proposal continues from the current rollout's states).
             keep_cache: return each row's states (context ⊕ tokens[:-1]) on its :class:`Rollout` for reuse.
             meter: one meter charged for every row, or one meter per row.
+            on_step: called after every decoding step with each row's number of tokens so far (progress; it
+                sees no logits and draws nothing, so the tokens do not depend on it).
 
         Rows are left-padded; each stops at an EOS token, a stop string or its own ``max_new_tokens`` (cut so that
         the context window is never exceeded). Each row's draws come from its own generator only, so a row samples
         the same tokens alone or inside any batch.
+
+        With an engine other than ``hf`` the engine samples the tokens (one seed per row, drawn from the row's
+        generator) and the logits, hidden states and states asked for are recovered by one forward over the new
+        tokens on top of the row's cache (:meth:`_recover`).
         """
         batch = len(contexts)
         if batch == 0:
@@ -243,12 +405,14 @@ class Policy:
             budgets = [min(b, window - len(c)) for b, c in zip(budgets, contexts)]
         if min(budgets) < 1:
             raise PromptError("no room left in the context window to generate; shorten the prompt")
+        if not self.engine.in_process:
+            recover = (record_logits, record_hidden, keep_cache)
+            return self._generate_with_engine(
+                contexts, sampling, generators, budgets, stop_strings, recover, caches, meters, on_step
+            )
 
         contexts = [c.to(self.device) for c in contexts]
-        if caches is None or all(c is None for c in caches):
-            cache, mask = self._prefill_batch(contexts, meters)
-        else:
-            cache, mask = self._merge_row_caches(contexts, caches, meters)
+        cache, mask = self._context_cache(contexts, caches, meters)
         pads = [mask.shape[1] + 1 - len(c) for c in contexts]
         mask = torch.cat([mask, torch.ones((batch, 1), dtype=torch.long, device=self.device)], dim=-1)
 
@@ -281,6 +445,8 @@ class Policy:
             for b, token in zip(active, tokens.tolist()):
                 outputs[b].append(token)
                 finish[b] = self._finish_reason(outputs[b], token, eos, stop_strings, budgets[b])
+            if on_step is not None:
+                on_step([len(output) for output in outputs])
             if all(finish):
                 break
             finished_rows = torch.tensor([bool(f) for f in finish], device=self.device)
@@ -303,6 +469,105 @@ class Policy:
             )
             for b in range(batch)
         ]
+
+    def _generate_with_engine(
+        self,
+        contexts: Sequence[Tensor],
+        sampling: SamplingConfig,
+        generators: Sequence[torch.Generator],
+        budgets: list[int],
+        stop_strings: Sequence[str],
+        recover: tuple[bool, bool, bool],
+        caches: Sequence[Cache | None] | None,
+        meters: list[CostMeter | None],
+        on_step: Callable[[list[int]], None] | None,
+    ) -> list[Rollout]:
+        """Tokens from :attr:`engine`, charged as the HF loop charges them (the prompt pass as one ``prefill``, one
+        ``generated_tokens`` per token); ``recover`` = (logits, hidden states, states) to recover afterwards."""
+        eos = tuple(sorted(self.eos_token_ids))
+        requests = [
+            EngineRequest(
+                [int(t) for t in context.tolist()], budget, sampling, engine_seed(generator), tuple(stop_strings), eos
+            )
+            for context, budget, generator in zip(contexts, budgets, generators)
+        ]
+        outputs = self.engine.generate(requests)
+        if len(outputs) != len(requests):
+            raise RuntimeError(f"the {self.engine.name} engine answered {len(outputs)} of {len(requests)} requests")
+        outputs = [self.engine.check(request, output) for request, output in zip(requests, outputs)]
+        for context, output, row_meter in zip(contexts, outputs, meters):
+            if len(context) > 1:
+                _charge(row_meter, "prefill", 1, forward_flops(self.params, len(context) - 1))
+            generated = len(output.token_ids)
+            _charge(row_meter, "generated_tokens", generated, forward_flops(self.params, generated))
+        if on_step is not None:
+            on_step([len(output.token_ids) for output in outputs])
+        tokens = [list(output.token_ids) for output in outputs]
+        finishes = [output.finish_reason for output in outputs]
+        if not any(recover):
+            return [Rollout(t, f, len(c)) for t, f, c in zip(tokens, finishes, contexts)]
+        return self._recover(contexts, tokens, finishes, caches, recover, meters)
+
+    @torch.no_grad()
+    def _recover(
+        self,
+        contexts: Sequence[Tensor],
+        tokens: list[list[int]],
+        finishes: list[str],
+        caches: Sequence[Cache | None] | None,
+        recover: tuple[bool, bool, bool],
+        meters: list[CostMeter | None],
+    ) -> list[Rollout]:
+        """What the HF loop records while decoding, for tokens decoded elsewhere: one left-padded forward of each
+        row's last context token and ``tokens[:-1]`` (right-padded) on top of the row's states of the context,
+        charged as one ``prefill`` per row (and the context's states, where no cache holds them, as the HF loop
+        charges them)."""
+        record_logits, record_hidden, keep_cache = recover
+        batch = len(contexts)
+        contexts = [c.to(self.device) for c in contexts]
+        cache, mask = self._context_cache(contexts, caches, meters)
+        pads = [mask.shape[1] + 1 - len(c) for c in contexts]
+        width = max(len(t) for t in tokens)
+        block = torch.full((batch, max(width, 1)), self._pad_id(), dtype=torch.long, device=self.device)
+        block_mask = torch.zeros_like(block)
+        for row, (context, new) in enumerate(zip(contexts, tokens)):
+            fed = [int(context[-1])] + new[:-1]
+            block[row, : len(new)] = torch.tensor(fed[: len(new)], dtype=torch.long, device=self.device)
+            block_mask[row, : len(new)] = 1
+            if new:
+                _charge(meters[row], "prefill", 1, forward_flops(self.params, len(new)))
+        full_mask = torch.cat([mask, block_mask], dim=-1)
+        out = self.model(
+            input_ids=block,
+            attention_mask=full_mask,
+            position_ids=_positions(full_mask)[:, -block.shape[1] :],
+            cache=cache,
+            use_cache=True,
+            output_hidden_states=record_hidden,
+        )
+        logits = out.logits.float() if record_logits else None
+        hidden = out.hidden_states[-1].float() if record_hidden else None
+        return [
+            Rollout(
+                token_ids=new,
+                finish_reason=finish,
+                context_length=len(context),
+                logits=logits[row, : len(new)].clone() if logits is not None else None,
+                hidden=hidden[row, : len(new)].clone() if hidden is not None else None,
+                cache=self._row_cache(cache, row, pads[row], len(context) + len(new) - 1, batch)
+                if keep_cache
+                else None,
+            )
+            for row, (context, new, finish) in enumerate(zip(contexts, tokens, finishes))
+        ]
+
+    def _context_cache(
+        self, contexts: list[Tensor], caches: list[Any] | None, meters: list[CostMeter | None]
+    ) -> tuple[Cache, Tensor]:
+        """The contexts' KV cache and attention mask: prefilled, or merged from the rows' own caches."""
+        if caches is None or all(c is None for c in caches):
+            return self._prefill_batch(contexts, meters)
+        return self._merge_row_caches(contexts, caches, meters)
 
     def _prefill_batch(self, contexts: list[Tensor], meters: list[CostMeter | None]) -> tuple[Cache, Tensor]:
         """One left-padded parallel pass over every context but its last token."""

@@ -58,9 +58,18 @@ def tiny_config(tokenizer: PreTrainedTokenizerFast, **overrides: int) -> LlamaCo
     return LlamaConfig(**settings)
 
 
-def tiny_causal_lm(tokenizer: PreTrainedTokenizerFast, seed: int = 0, **overrides: int) -> LlamaForCausalLM:
+def tiny_causal_lm(
+    tokenizer: PreTrainedTokenizerFast, seed: int = 0, peak: float = 1.0, **overrides: int
+) -> LlamaForCausalLM:
+    """A random tiny causal LM. Its next-token distributions are nearly uniform (max probability about 0.02);
+    ``peak > 1`` scales the output head so that they are peaked like a trained model's (``peak=20``: the sampled
+    token is often the likeliest, so a resampled token is often the one already there)."""
     torch.manual_seed(seed)
-    return LlamaForCausalLM(tiny_config(tokenizer, **overrides)).eval()
+    model = LlamaForCausalLM(tiny_config(tokenizer, **overrides)).eval()
+    if peak != 1.0:
+        with torch.no_grad():
+            model.lm_head.weight.mul_(peak)
+    return model
 
 
 def tiny_classifier(

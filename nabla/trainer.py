@@ -8,47 +8,26 @@ roll out ─► select the first position worth optimising (commit the ones befo
 
 from __future__ import annotations
 
-import time
-from collections.abc import Generator, Sequence
+import functools
+import math
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from nabla.acceleration import Acceleration
 from nabla.callbacks import Callback, LoggerCallback, ProgressBar
 from nabla.cost import CostMeter
-from nabla.errors import ConfigurationError, DeviceMismatchError, RewardNotDifferentiableError
+from nabla.errors import ConfigurationError, DeviceMismatchError, RewardNotDifferentiableError, check_seed
 from nabla.kv import prefix_view
 from nabla.optimizer import DTOObjective, DTOResult, LatentOptimizer, ObjectiveValue, StepRecord
 from nabla.policy import LMPrefix, Policy, Rollout
-from nabla.reward import RewardContext, RewardModel
-from nabla.sampler import Sampler, sample_tokens
-
-
-@dataclass
-class Acceleration:
-    """Exact savings of the loop; none of them changes the decoded tokens.
-
-    Args:
-        prefix_cache: reuse the key/value states of prompt ⊕ committed tokens across DTO steps (policy and
-            reward model) instead of re-encoding them at every step.
-        reuse_rollout_gradient: one gradient pass per rollout serves token selection at every position and the
-            first DTO step at each selected position (causality: committing leading tokens unchanged leaves the
-            gradient of the later one-hots as it was).
-        reuse_rollout_cache: proposals continue from the current rollout's key/value states.
-        reuse_rollout_reward: the current rollout's reward is computed once, not at every acceptance test.
-    """
-
-    prefix_cache: bool = True
-    reuse_rollout_gradient: bool = True
-    reuse_rollout_cache: bool = True
-    reuse_rollout_reward: bool = True
-
-    @classmethod
-    def reference(cls) -> Acceleration:
-        """Everything recomputed every time (the authors' release, for debugging and benchmarks)."""
-        return cls(False, False, False, False)
+from nabla.progress import mode as progress_mode
+from nabla.reward import RewardContext, RewardModel, require_finite_rewards
+from nabla.sampler import MetropolisMove, Sampler, metropolis_log_ratio, sample_tokens, sampling_probabilities
+from nabla.scheduling import PromptPool
 
 
 @dataclass
@@ -84,6 +63,7 @@ class Revision:
     current_reward: float | None
     proposal_reward: float | None
     accepted: bool | None = None
+    acceptance_probability: float | None = None  # the Metropolis test's min(1, ratio), with acceptance=metropolis
 
 
 @dataclass
@@ -166,6 +146,20 @@ class DecodingState:
         self.rollout_reward, self.rollout_gradient = reward, None
 
 
+def _reporting_exceptions(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Fire ``on_exception`` before an error (or an interrupt) leaves ``method``, so callbacks can clean up."""
+
+    @functools.wraps(method)
+    def wrapper(self: TestTimeTrainer, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except BaseException as error:
+            self._hook("on_exception", error)
+            raise
+
+    return wrapper
+
+
 class TestTimeTrainer:
     """Composes a :class:`Policy`, a :class:`RewardModel`, a :class:`LatentOptimizer` and a :class:`Sampler`.
 
@@ -174,7 +168,8 @@ class TestTimeTrainer:
         acceleration: exact savings (all on by default; :meth:`Acceleration.reference` turns them off).
         callbacks: extra :class:`Callback` instances.
         logger: a Lightning logger that receives DTO steps and fit statistics.
-        enable_progress_bar: show a rich progress bar while fitting.
+        enable_progress_bar: show progress from the first token (:class:`ProgressBar`); ``None``: a bar when
+            stderr is a terminal, nothing otherwise; ``True``: also plain lines elsewhere; ``False``: nothing.
     """
 
     __test__ = False  # not a pytest class
@@ -189,7 +184,7 @@ class TestTimeTrainer:
         acceleration: Acceleration | None = None,
         callbacks: list[Callback] | None = None,
         logger: Any = None,
-        enable_progress_bar: bool = False,
+        enable_progress_bar: bool | None = None,
     ) -> None:
         self.policy = policy
         self.reward = reward
@@ -199,8 +194,9 @@ class TestTimeTrainer:
         self.callbacks = list(callbacks or [])
         if logger is not None:
             self.callbacks.append(LoggerCallback(logger))
-        if enable_progress_bar:
-            self.callbacks.append(ProgressBar())
+        shown = progress_mode(enable_progress_bar)
+        if shown != "off" and not any(isinstance(callback, ProgressBar) for callback in self.callbacks):
+            self.callbacks.append(ProgressBar(mode=shown))
         self._validate()
         if reward is not None:
             reward.bind(policy)
@@ -220,6 +216,11 @@ class TestTimeTrainer:
             raise RewardNotDifferentiableError(
                 f"{type(reward).__name__} has no gradient but optimizer.reward_weight={optimizer.reward_weight}; "
                 "use a transformer reward model for DTO, or set optimizer.reward_weight=0"
+            )
+        if self.sampler.acceptance == "metropolis" and optimizer.gumbel:
+            raise ConfigurationError(
+                "acceptance=metropolis needs the refined distribution, which Gumbel noise makes random; set "
+                "optimizer.gumbel=false"
             )
         if reward.device is not None and reward.device != self.policy.device:
             raise DeviceMismatchError(
@@ -241,44 +242,74 @@ class TestTimeTrainer:
         """Decode one prompt with ∇-Reasoner; deterministic for a given ``seed`` on CPU."""
         return self.fit_batch([prompt], seeds=[seed])[0]
 
-    def fit_batch(self, prompts: Sequence[str], seeds: int | Sequence[int] = 0) -> list[FitResult]:
-        """Decode several prompts at once: their rollouts run as one batch, everything else per prompt.
+    @_reporting_exceptions
+    def fit_batch(
+        self, prompts: Sequence[str], seeds: int | Sequence[int] = 0, pool: int | None = None
+    ) -> list[FitResult]:
+        """Decode several prompts together; the results in the order given (:meth:`fit_pool`, collected).
 
-        Each prompt keeps its own generator (``seeds[i]``, or ``seeds + i`` for an int), so its result is the
-        one ``fit(prompts[i], seed)`` gives. ``wall_time_s`` of each result is the batch's time over its size.
+        ``pool``: how many prompts decode at once (``None``: all of them), a finished prompt's slot refilled from
+        the queue at once. Each prompt keeps its own generator (``seeds[i]``, or ``seeds + i`` for an int), so its
+        result is the one ``fit(prompts[i], seed)`` gives, for any pool. No prompts, no results.
+        """
+        results = dict(self.fit_pool(prompts, seeds, pool))
+        return [results[i] for i in range(len(prompts))]
+
+    def fit_pool(
+        self,
+        prompts: Sequence[str],
+        seeds: int | Sequence[int] = 0,
+        pool: int | None = None,
+        errors: tuple[type[Exception], ...] = (),
+    ) -> Iterator[tuple[int, FitResult]]:
+        """Continuous batching: yield ``(index, result)`` as each prompt finishes, ``pool`` prompts decoding at once.
+
+        Every round, the pending rollouts of all running prompts are one batched generation and their objective
+        evaluations one batched forward/backward per model (:meth:`_serve`); a finished prompt's slot is refilled
+        from the queue at once (:class:`~nabla.scheduling.PromptPool`). ``wall_time_s`` of a result is its share
+        of the run: its own loop's time plus an equal share of each round it was served in.
+
+        ``errors``: error types that end one prompt instead of the run; such a prompt yields ``(index, error)``.
         """
         seeds = [seeds + i for i in range(len(prompts))] if isinstance(seeds, int) else list(seeds)
         if len(seeds) != len(prompts):
             raise ConfigurationError(f"{len(prompts)} prompts need {len(prompts)} seeds, got {len(seeds)}")
-        started = time.perf_counter()
-        states = [
-            DecodingState(prompt, self.policy.encode(prompt), torch.Generator().manual_seed(seed))
-            for prompt, seed in zip(prompts, seeds)
-        ]
-        loops = {i: self._decode(state, seed) for i, (state, seed) in enumerate(zip(states, seeds))}
-        requests: dict[int, Request] = {i: next(loop) for i, loop in loops.items()}
-        results: dict[int, FitResult] = {}
-        while requests:
-            for i, answer in self._serve(states, requests).items():
-                try:
-                    requests[i] = loops[i].send(answer)
-                except StopIteration as stop:
-                    results[i] = stop.value
-                    del requests[i]
-        share = (time.perf_counter() - started) / len(prompts)
-        for i, state in enumerate(states):
-            state.meter.update("wall_time_s", share)
-            results[i].stats = state.meter.snapshot()
-            self._hook("on_fit_end", results[i])
-        self.meter = states[-1].meter
-        return [results[i] for i in range(len(prompts))]
+        for seed in seeds:
+            check_seed(seed)
+        encoded: dict[int, Tensor] = {}
+        for index, prompt in enumerate(prompts):  # a bad prompt fails (or is set aside) before any decoding
+            try:
+                encoded[index] = self.policy.encode(prompt)
+            except errors as error:
+                yield index, error  # type: ignore[misc]
+        queue = sorted(encoded)
+        states: dict[int, DecodingState] = {}
+
+        def start(slot: int) -> Generator[Request, Any, FitResult]:
+            index = queue[slot]
+            states[slot] = DecodingState(prompts[index], encoded[index], torch.Generator().manual_seed(seeds[index]))
+            return self._decode(states[slot], seeds[index])
+
+        scheduler = PromptPool(lambda requests: self._serve(states, requests), pool, catch=errors)
+        for done in scheduler.run(len(queue), start):
+            state, index = states.pop(done.index), queue[done.index]
+            if done.error is not None:
+                yield index, done.error  # type: ignore[misc]
+                continue
+            state.meter.update("wall_time_s", done.wall_time_s)
+            result: FitResult = done.result
+            result.stats = state.meter.snapshot()
+            self._hook("on_fit_end", result)
+            if index == len(prompts) - 1:
+                self.meter = state.meter
+            yield index, result
 
     def _decode(self, state: DecodingState, seed: int) -> Generator[Request, Any, FitResult]:
         """The loop of one prompt, as a coroutine that yields each rollout it needs (so rollouts of several
         prompts can run as one batch) and returns the result."""
+        self._hook("on_fit_start", state)
         first = yield RolloutRequest(state.prompt_ids, self.sampler.max_new_tokens, None)
         state.adopt([], first, None)
-        self._hook("on_fit_start", state)
         self._hook("on_rollout", state, first)
         revisions: list[Revision] = []
         runs: list[DTORun] = []
@@ -325,7 +356,10 @@ class TestTimeTrainer:
             proposal_reward=None,
         )
         self._hook("on_revision", state, revision)
-        accepted = self._accept(state, committed + [token] + proposal.token_ids, revision)
+        if self.sampler.acceptance == "metropolis":
+            accepted = yield from self._accept_metropolis(state, position, dto, proposal, revision)
+        else:
+            accepted = self._accept(state, committed + [token] + proposal.token_ids, revision)
         revision.accepted = accepted
         state.meter.update("proposals")
         if accepted:
@@ -341,7 +375,7 @@ class TestTimeTrainer:
             self._hook("on_reject", state, revision)
         return run, revision
 
-    def _serve(self, states: list[DecodingState], requests: dict[int, Request]) -> dict[int, Any]:
+    def _serve(self, states: Mapping[int, DecodingState], requests: dict[int, Request]) -> dict[int, Any]:
         """Answer every pending request: all rollouts as one batched generation, all objective evaluations as
         one batched forward/backward per model."""
         answers: dict[int, Any] = {}
@@ -370,10 +404,17 @@ class TestTimeTrainer:
             caches=[request.cache for request in requests],
             keep_cache=True,
             meter=[state.meter for state in states],
+            on_step=self._generation_hook(states),
         )
         for state in states:
             state.meter.update("rollouts")
         return rollouts
+
+    def _generation_hook(self, states: list[DecodingState]) -> Callable[[list[int]], None] | None:
+        """``on_generate`` for each row after every decoding step (progress from the first token)."""
+        if not self.callbacks:
+            return None
+        return lambda counts: [self._hook("on_generate", state, count) for state, count in zip(states, counts)]
 
     def _propose(self, state: DecodingState, committed: list[int], token: int) -> Generator[Request, Any, Rollout]:
         """The policy's continuation after ``committed ⊕ token``."""
@@ -399,11 +440,72 @@ class TestTimeTrainer:
         revision.proposal_reward = self._score(state, proposal)
         return self.sampler.accepts(current, revision.proposal_reward)
 
+    def _accept_metropolis(
+        self, state: DecodingState, position: int, dto: DTOResult, proposal: Rollout, revision: Revision
+    ) -> Generator[Request, Any, bool]:
+        """The Metropolis–Hastings test of ``ρ* ∝ π_ref · exp(λ r)`` for the loop's own proposal (docs/design.md,
+        "Metropolis acceptance"). The reverse move needs the refined distribution at ``position`` on the proposal:
+        one more DTO run there (its passes are charged like any DTO run's)."""
+        assert state.rollout is not None and state.rollout.logits is not None
+        committed, token = state.committed, revision.proposed_token
+        self._accept(state, committed + [token] + proposal.token_ids, revision)  # both rewards, on the revision
+        reverse = yield from self._optimise_proposal(state, position, token, proposal)
+        lam = self.optimizer.lam if self.sampler.target_lam is None else self.sampler.target_lam
+        assert revision.current_reward is not None and revision.proposal_reward is not None
+        move = MetropolisMove(
+            rewards=(revision.current_reward, revision.proposal_reward),
+            base_logits=state.rollout.logits[position],
+            tokens=(revision.original_token, token),
+            refined=(self._resample_probabilities(dto), self._resample_probabilities(reverse)),
+            tails=(
+                (state.rollout.logits[position + 1 :], state.rollout.token_ids[position + 1 :]),
+                (proposal.logits, proposal.token_ids),
+            ),
+        )
+        log_ratio = metropolis_log_ratio(move, lam, self.sampler.rollout)
+        probability = 0.0 if math.isnan(log_ratio) else math.exp(min(0.0, log_ratio))
+        revision.acceptance_probability = probability
+        return float(torch.rand(1, generator=state.generator, dtype=torch.float64)) < probability
+
+    def _resample_probabilities(self, dto: DTOResult) -> Tensor:
+        """The distribution the resampled token is drawn from (what :func:`sample_tokens` draws with)."""
+        return sampling_probabilities(dto.logits[:1].cpu(), self.sampler.resample)[0]
+
+    def _optimise_proposal(
+        self, state: DecodingState, position: int, token: int, proposal: Rollout
+    ) -> Generator[Request, Any, DTOResult]:
+        """DTO at ``position`` as the loop would run it on the proposal: the same prefix and start (π_ref's logits
+        or latents there), the look-ahead ``token ⊕ proposal``, the objective evaluated afresh."""
+        assert state.rollout is not None and state.rollout.logits is not None
+        anchors = torch.tensor([token] + proposal.token_ids, device=self.policy.device)
+        rows = 1 if self.optimizer.update == "first" else len(anchors)
+        latents = self.optimizer.space == "latents"
+        here = state.rollout.hidden if latents else state.rollout.logits
+        after = proposal.hidden if latents else proposal.logits
+        assert here is not None
+        parts = [here[position : position + 1]] + ([after[: rows - 1]] if rows > 1 and after is not None else [])
+        steps = self.optimizer.iterate(
+            torch.cat(parts), anchors, head=self.policy.head_logits, generator=state.generator
+        )
+        objective = self._objective(state, position)
+        try:
+            tokens = next(steps)
+            while True:
+                tokens = steps.send((yield GradientRequest(objective, tokens)))
+        except StopIteration as stop:
+            result: DTOResult = stop.value
+        state.meter.update("dto_runs")
+        state.meter.update("dto_passes", result.grad_steps)
+        state.meter.update("grad_steps", result.grad_steps)
+        state.meter.update("cached_steps", result.cached_steps)
+        return result
+
     def _score(self, state: DecodingState, response: list[int]) -> float:
         """The reward of one full response; both candidates of an acceptance test go through here alone."""
         assert self.reward is not None
         text = self.policy.decode(response)
-        return float(self.reward.score([state.prompt], [text], [response], meter=state.meter)[0])
+        scores = self.reward.score([state.prompt], [text], [response], meter=state.meter)
+        return float(require_finite_rewards(self.reward, [state.prompt], [text], scores)[0])
 
     # ------------------------------------------------------------------ token selection
     def _select(self, state: DecodingState) -> Generator[Request, Any, int | None]:
@@ -502,10 +604,14 @@ class TestTimeTrainer:
                 tokens = steps.send((yield GradientRequest(objective, tokens)))
         except StopIteration as stop:
             result: DTOResult = stop.value
-        if fresh:  # the first step's gradient was computed for this run: a full step, not a cached one
+        passes = result.grad_steps + fresh  # passes run for this run's steps (``fresh``: its first one)
+        if result.first_step_cached:
+            # the first step's gradient is the rollout's gradient at this very text, from a full pass (run now,
+            # or earlier for token selection or another position): a gradient step, not a cached one
             result.grad_steps += 1
             result.cached_steps -= 1
         state.meter.update("dto_runs")
+        state.meter.update("dto_passes", passes)
         state.meter.update("grad_steps", result.grad_steps)
         state.meter.update("cached_steps", result.cached_steps)
         return result

@@ -45,6 +45,10 @@ def test_fit_prints_the_answer_revisions_and_costs_and_writes_json(tiny_fit_args
     assert set(result) >= {"prompt", "text", "token_ids", "reward", "stats", "revisions", "dto_runs", "settings"}
     assert result["stats"]["rollouts"] >= 1 and result["settings"]["optimizer"]["steps"] == 3
     assert len(result["dto_runs"]) >= 1
+    greedy = result["greedy"]  # the policy's own greedy answer beside ∇-Reasoner's, its cost apart
+    assert set(greedy) >= {"text", "final_answer", "reward", "finish_reason", "stats"} and greedy["reward"] is not None
+    assert greedy["stats"]["rollouts"] == 1 and greedy["stats"]["generated_tokens"] == len(greedy["token_ids"])
+    assert "greedy answer (the policy alone" in printed and "greedy (policy alone)" in printed
 
 
 def _print_config(args: list[str]) -> None:

@@ -10,6 +10,16 @@ from nabla.policy import LMPrefix
 from nabla.sampler import SamplingConfig
 
 
+def _schedule(step, *, steps, warmup, floor):
+    """The learning-rate factor written out from its definition, independently of ``LatentOptimizer.lr_factor``:
+    linear warm-up (step + 1) / (warmup + 1) over the first ``warmup`` steps, then half a cosine period from 1 down
+    towards ``floor`` over the remaining ``steps - warmup`` (the last step stops one step short of the floor)."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    angle = math.pi * (step - warmup) / (steps - warmup)
+    return floor + (1 - floor) * (1 + math.cos(angle)) / 2
+
+
 def _setup(policy, reward, *, reward_weight=1.0, likelihood_weight=1e-3, length=6, seed=0):
     prompt = policy.encode(PROMPT)
     rollout = policy.generate(
@@ -94,6 +104,9 @@ def test_history_records_every_step_with_a_cosine_schedule(policy, reward):
     lrs = [record.lr for record in result.history]
     assert len(lrs) == 8 and lrs[0] == pytest.approx(0.01)
     assert all(a >= b for a, b in zip(lrs, lrs[1:])) and lrs[-1] >= 0.001
+    assert lrs == pytest.approx([0.01 * _schedule(t, steps=8, warmup=0, floor=0.1) for t in range(8)], rel=1e-12)
+    # e.g. half-way: 0.01 * (0.1 + 0.9 * (1 + cos(pi / 2)) / 2) = 0.0055
+    assert lrs[4] == pytest.approx(0.0055, rel=1e-12)
     assert all(record.reward is not None and record.log_likelihood is not None for record in result.history)
     assert optimizer.lam == pytest.approx(1000.0)
 
@@ -185,7 +198,10 @@ def test_dto_adam_matches_torch_adam_with_the_cosine_schedule():
     ours, theirs = torch.randn(3, 5), None
     theirs = ours.clone().requires_grad_(True)
     reference = torch.optim.Adam([theirs], lr=settings.lr, betas=settings.betas)
-    schedule = torch.optim.lr_scheduler.LambdaLR(reference, settings.lr_factor)
+    factor = [_schedule(t, steps=settings.steps, warmup=2, floor=settings.min_lr_ratio) for t in range(settings.steps)]
+    assert [settings.lr_factor(t) for t in range(settings.steps)] == pytest.approx(factor, rel=1e-12)
+    assert factor[:3] == pytest.approx([1 / 3, 2 / 3, 1.0])  # warm-up, then the cosine starts at the peak
+    schedule = torch.optim.lr_scheduler.LambdaLR(reference, lambda step: factor[min(step, settings.steps - 1)])
     adam = _Adam(ours, settings.betas)
     for step in range(settings.steps):
         grad = torch.randn(3, 5)

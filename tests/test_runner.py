@@ -203,7 +203,7 @@ def test_compare_recipe_parses_a_list_of_methods(tmp_path):
         )
     )
     parser, _ = build_parser("compare")
-    config = parser.instantiate_classes(parser.parse_args(["--config", str(recipe)]))
+    config = parser.instantiate(parser.parse_args(["--config", str(recipe)]))
     methods = config["methods"]
     assert [m.display_label for m in methods] == ["greedy", "best_of_n@4", "nabla@4"]
     assert methods[2].optimizer.steps == 10 and methods[2].nabla_sampler().max_rollouts == 4

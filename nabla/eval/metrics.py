@@ -129,7 +129,11 @@ class MajorityAtK(_PerProblemMean):
 
 @dataclass
 class MethodSummary:
-    """One method's results over its records: accuracy, sample metrics, reward and mean costs per problem."""
+    """One method's results over its records: accuracy, sample metrics, reward and mean costs per problem.
+
+    Accuracy is over the ``graded`` problems. ``skipped`` ones were not graded: their gold answer does not parse,
+    or the policy could not read the question; ``failed`` ones hit a NaN, infinite or non-numeric reward.
+    ``skip_reasons`` gives the reason of each skipped or failed problem by id."""
 
     method: str
     method_name: str
@@ -146,6 +150,8 @@ class MethodSummary:
     maj_at: dict[int, float] = field(default_factory=dict)
     mean_cost: dict[str, float] = field(default_factory=dict)
     total_cost: dict[str, float] = field(default_factory=dict)
+    failed: int = 0
+    skip_reasons: dict[str, str] = field(default_factory=dict)
 
     @property
     def rejection_rate(self) -> float:
@@ -198,13 +204,15 @@ def summarize(records: Sequence[dict[str, Any]]) -> MethodSummary:
     scores = accuracy.compute()
     totals = cost.compute()
     problems = len(records)
+    unsolved = [r for r in records if r.get("status", "ok") != "ok"]
+    failed = sum(r["status"] == "failed" for r in unsolved)
     return MethodSummary(
         method=first["method"],
         method_name=first["method_name"],
         n=int(first["n"]),
         problems=problems,
         graded=int(scores["graded"]),
-        skipped=int(scores["skipped"]),
+        skipped=int(scores["skipped"]) - failed,
         correct=int(accuracy.correct),
         accuracy=scores["accuracy"],
         ci_low=scores["ci_low"],
@@ -214,4 +222,6 @@ def summarize(records: Sequence[dict[str, Any]]) -> MethodSummary:
         maj_at=maj_at,
         mean_cost={key: value / problems for key, value in totals.items() if key != "rejection_rate"},
         total_cost=totals,
+        failed=failed,
+        skip_reasons={r["problem_id"]: f"{r['status']}: {r['error']}" for r in unsolved},
     )

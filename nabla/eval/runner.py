@@ -22,6 +22,10 @@ Each problem's seed depends only on the run seed and the problem id, so records 
 Sharding. With ``num_processes > 1`` the pending problems are dealt round-robin to processes started by
 Lightning Fabric (``Fabric(accelerator="cpu", devices=k, strategy="ddp_spawn")``: DDP with the spawn launcher,
 which also works from notebooks and tests); each loads its own copy of the models.
+
+Pool. With ``pool > 1`` each process solves its problems method by method, ``pool`` problems decoding at once
+(continuous batching, ``Solver.solve_many``): their rollouts, proposals and DTO passes share batches and a finished
+problem's slot is refilled at once. The records are those of ``pool = 1``; only their order in the files changes.
 """
 
 from __future__ import annotations
@@ -29,16 +33,21 @@ from __future__ import annotations
 import json
 import os
 import pickle
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from nabla import jsonio
+from nabla._typing import TYPE_CHECKING
 from nabla.config import PolicySpec, RewardSpec
 from nabla.errors import ConfigurationError, DataError
 from nabla.eval.datasets import DatasetSpec, Problem
 from nabla.eval.methods import NEEDS_REWARD, MethodSpec, Solver
-from nabla.eval.metrics import MethodSummary, summarize
+
+if TYPE_CHECKING:  # torchmetrics is imported by the summaries: `nabla evaluate --help` does not need torch
+    from nabla.eval.metrics import MethodSummary
 
 RECORDS_FOLDER = "records"
 MANIFEST = "manifest.json"
@@ -62,6 +71,7 @@ class RunPlan:
     num_processes: int = 1
     progress: bool = True
     problems: list[Problem] | None = None
+    pool: int = 1
 
     @property
     def folder(self) -> Path:
@@ -81,7 +91,7 @@ class RecordWriter:
         self.handle = path.open("a", encoding="utf-8")
 
     def write(self, record: dict[str, Any]) -> None:
-        self.handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self.handle.write(jsonio.dumps(record, ensure_ascii=False) + "\n")
         self.handle.flush()
         os.fsync(self.handle.fileno())
 
@@ -133,7 +143,14 @@ def read_records(output: str | Path) -> list[dict[str, Any]]:
 
 # ---------------------------------------------------------------------------------------------- manifest
 def _jsonable(value: Any) -> Any:
-    return json.loads(json.dumps(value))
+    return json.loads(jsonio.dumps(value))
+
+
+def _with_defaults(stored: Any, defaults: Any) -> Any:
+    """A manifest entry written before settings were added: the added settings take their defaults."""
+    if isinstance(stored, dict) and isinstance(defaults, dict):
+        return {**{key: value for key, value in defaults.items() if key not in stored}, **stored}
+    return stored
 
 
 def _check_manifest(plan: RunPlan) -> None:
@@ -148,10 +165,11 @@ def _check_manifest(plan: RunPlan) -> None:
         }
     )
     methods = _jsonable({m.display_label: m.to_dict() for m in plan.methods})
+    defaults = _jsonable({"policy": asdict(PolicySpec()), "reward": asdict(RewardSpec())})
     if path.is_file():
         manifest = json.loads(path.read_text())
         for key, value in shared.items():
-            if manifest.get(key) != value:
+            if _with_defaults(manifest.get(key), defaults.get(key)) != value:
                 raise DataError(
                     f"{plan.output} holds records made with another {key} ({manifest.get(key)!r}); pass a new "
                     "--output, or delete the folder to start over"
@@ -166,7 +184,7 @@ def _check_manifest(plan: RunPlan) -> None:
         methods = {**manifest["methods"], **methods}
     plan.folder.mkdir(parents=True, exist_ok=True)
     staging = path.with_suffix(".tmp")
-    staging.write_text(json.dumps({**shared, "methods": methods}, indent=2))
+    staging.write_text(jsonio.dumps({**shared, "methods": methods}, indent=2))
     staging.replace(path)
 
 
@@ -189,74 +207,122 @@ def _solve_shard(
     """Solve this rank's share of ``work``, writing each record as it is done; returns how many were written."""
     import torch
 
+    from nabla.progress import loading_quietly
+
     if world > 1:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     share = work[rank::world]
     if not share:
         return 0
-    policy = plan.policy.load()
-    reward = plan.reward.load(policy)
     solvers: dict[int, Solver] = {}
-    writer = RecordWriter(plan.folder / RECORDS_FOLDER / f"rank-{rank}.jsonl")
     written = 0
     total = sum(len(todo) for _, todo in share)
-    with _Progress(plan.progress and rank == 0, total, world) as advance:
+    with _Progress(plan.progress and rank == 0, total, world) as advance:  # from the first second: loading too
+        with loading_quietly():
+            policy = plan.policy.load()
+            reward = plan.reward.load(policy)
+        advance(None)
+        writer = RecordWriter(plan.folder / RECORDS_FOLDER / f"rank-{rank}.jsonl")
         try:
-            for problem, todo in share:
-                for index in todo:
-                    if index not in solvers:
-                        method = plan.methods[index]
-                        solvers[index] = Solver(method, policy, reward, plan.dataset.prompt_template)
-                    record = solvers[index].solve(problem, plan.seed)
-                    writer.write(record)
-                    written += 1
-                    advance(record)
-                    if on_record is not None:
-                        on_record(record)
+            for record in _solved(plan, share, policy, reward, solvers):
+                writer.write(record)
+                written += 1
+                if record.get("status", "ok") != "ok":  # recorded (a rerun goes on past it), and said
+                    print(
+                        f"nabla: {record['method']} {record['status']} problem {record['problem_id']}: "
+                        f"{record['error']}",
+                        file=sys.stderr,
+                    )
+                advance(record)
+                if on_record is not None:
+                    on_record(record)
         finally:
             writer.close()
     return written
 
 
+def _solved(
+    plan: RunPlan, share: list[tuple[Problem, list[int]]], policy: Any, reward: Any, solvers: dict[int, Solver]
+) -> Iterator[dict[str, Any]]:
+    """The records of a share as they are solved: problem by problem (``pool`` 1), or method by method with
+    ``plan.pool`` problems decoded at once (continuous batching; the same records, in another order)."""
+
+    def solver(index: int) -> Solver:
+        if index not in solvers:
+            solvers[index] = Solver(plan.methods[index], policy, reward, plan.dataset.prompt_template)
+        return solvers[index]
+
+    if plan.pool == 1:
+        for problem, todo in share:
+            for index in todo:
+                yield solver(index).solve(problem, plan.seed)
+        return
+    for index in range(len(plan.methods)):
+        problems = [problem for problem, todo in share if index in todo]
+        if problems:
+            yield from solver(index).solve_many(problems, plan.seed, plan.pool)
+
+
 class _Progress:
-    """A rich progress bar over (problem, method) pairs of rank 0's share, or nothing."""
+    """Progress over (problem, method) pairs of rank 0's share: a rich bar on a terminal, a plain line on stderr
+    every 20 s elsewhere, or nothing (see :mod:`nabla.progress`)."""
 
     def __init__(self, enabled: bool, total: int, world: int) -> None:
-        self.enabled, self.total, self.world = enabled, total, world
-        self.bar: Any = None
+        from nabla.progress import mode
+
+        self.shown = mode(enabled)
+        self.total, self.world = total, world
+        self.label = "evaluating" + (f" (rank 0 of {self.world})" if self.world > 1 else "")
+        self.display: Any = None
         self.right = 0
         self.done = 0
+        self.started = 0.0
+        self.note = "loading the models"
 
     def __enter__(self) -> Callable[[dict[str, Any]], None]:
-        if self.enabled:
-            import sys
+        import time
 
-            from rich.console import Console
+        from nabla import progress
+
+        self.started = time.monotonic()
+        if self.shown == "lines":
+            self.display = progress.Lines(self.status).start()
+        elif self.shown == "bar":
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-            share = f" (rank 0 of {self.world})" if self.world > 1 else ""
-            self.bar = Progress(
-                TextColumn(f"evaluating{share}"),
+            self.display = Progress(
+                TextColumn(self.label),
                 BarColumn(),
                 MofNCompleteColumn(),
                 TextColumn("· {task.fields[note]}"),
                 TimeElapsedColumn(),
-                console=Console(file=sys.stderr),
+                console=progress.console(),
             )
-            self.bar.start()
-            self.task = self.bar.add_task("evaluating", total=self.total, note="")
+            self.display.start()
+            self.task = self.display.add_task(self.label, total=self.total, note=self.note)
         return self.advance
 
-    def advance(self, record: dict[str, Any]) -> None:
+    def status(self) -> str:
+        from nabla.progress import elapsed_since
+
+        return f"{self.label}: {self.done}/{self.total} · {self.note} · {elapsed_since(self.started)}"
+
+    def advance(self, record: dict[str, Any] | None) -> None:
+        """Count a finished record (``None``: the models are loaded, solving starts)."""
+        if record is None:
+            self.note = "solving the first problem"
+            if self.shown == "bar":
+                self.display.update(self.task, note=self.note)
+            return
         self.done += 1
         self.right += bool(record["correct"])
-        if self.bar is not None:
-            note = f"{record['method']} · {self.right}/{self.done} right so far"
-            self.bar.update(self.task, advance=1, note=note)
+        self.note = f"{record['method']} · {self.right}/{self.done} right so far"
+        if self.shown == "bar":
+            self.display.update(self.task, advance=1, note=self.note)
 
     def __exit__(self, *exc: Any) -> None:
-        if self.bar is not None:
-            self.bar.stop()
+        if self.shown == "lines" or self.shown == "bar":
+            self.display.stop()
 
 
 def _fabric_shard(fabric: Any, payload: bytes) -> int:
@@ -268,6 +334,8 @@ def _preflight(plan: RunPlan) -> None:
     """Errors a user can cause, raised here as one-line errors instead of inside worker processes."""
     if plan.num_processes < 1:
         raise ConfigurationError(f"num_processes must be >= 1 (got {plan.num_processes})")
+    if plan.pool < 1:
+        raise ConfigurationError(f"pool must be >= 1 (got {plan.pool}); 1 solves one problem at a time")
     if not plan.methods:
         raise ConfigurationError("no method to run; list at least one under methods")
     labels = plan.labels()
@@ -286,12 +354,23 @@ def _preflight(plan: RunPlan) -> None:
 
 
 def run(plan: RunPlan, on_record: OnRecord | None = None) -> list[MethodSummary]:
-    """Solve every pending (problem, method) pair of ``plan``, then summarise all records of its slice."""
+    """Solve every pending (problem, method) pair of ``plan``, then summarise all records of its slice;
+    ``plan.progress=False`` silences every progress bar and line, third-party ones included."""
+    from nabla.progress import silenced
+
+    with silenced(not plan.progress):
+        return _run(plan, on_record)
+
+
+def _run(plan: RunPlan, on_record: OnRecord | None) -> list[MethodSummary]:
     _preflight(plan)
     if plan.problems is None:
         plan.problems = plan.dataset.load(plan.limit, plan.offset)
     if not plan.problems:
-        raise DataError(f"the slice offset={plan.offset} limit={plan.limit} holds no problem; lower the offset")
+        if plan.offset or plan.limit == 0:
+            fix = "lower the offset" if plan.offset else "set limit >= 1, or null for every problem"
+            raise DataError(f"the slice offset={plan.offset} limit={plan.limit} holds no problem; {fix}")
+        raise DataError("the dataset holds no problem; pass a dataset with at least one")
     _check_manifest(plan)
     work = _pending(plan)
     if work:
@@ -310,6 +389,8 @@ def run(plan: RunPlan, on_record: OnRecord | None = None) -> list[MethodSummary]
 
 
 def _summaries(plan: RunPlan) -> list[MethodSummary]:
+    from nabla.eval.metrics import summarize
+
     ids = {p.id for p in plan.problems}
     records = [r for r in read_records(plan.output) if r["problem_id"] in ids]
     by_method = {label: [r for r in records if r["method"] == label] for label in plan.labels()}
@@ -317,7 +398,7 @@ def _summaries(plan: RunPlan) -> list[MethodSummary]:
     if missing:
         raise DataError(f"records missing for {', '.join(missing)} after the run; rerun to complete them")
     summaries = [summarize(rows) for rows in by_method.values()]
-    (plan.folder / SUMMARY).write_text(json.dumps([s.to_dict() for s in summaries], indent=2))
+    (plan.folder / SUMMARY).write_text(jsonio.dumps([s.to_dict() for s in summaries], indent=2))
     return summaries
 
 
@@ -334,6 +415,7 @@ def evaluate(
     num_processes: int = 1,
     progress: bool = True,
     problems: list[Problem] | None = None,
+    pool: int = 1,
 ) -> list[MethodSummary]:
     """Run one method over a dataset slice, one JSONL record per problem (resumable), and print a summary.
 
@@ -347,13 +429,17 @@ def evaluate(
         offset: the first problem's index.
         seed: the run seed; each problem's seed derives from it and the problem id.
         num_processes: processes to shard problems across (Lightning Fabric DDP on CPU).
-        progress: show a progress bar.
+        progress: show progress (a bar on a terminal, a line every 20 s otherwise); ``false`` silences all
+            progress output, third-party bars included.
         problems: problems to run instead of the dataset's (Python callers, e.g. a generated task); ``limit`` and
             ``offset`` still apply, ``dataset.prompt_template`` still formats them.
+        pool: problems decoded at once per process (continuous batching: their rollouts, proposals and DTO
+            passes share batches, a finished problem's slot refilled at once); the records are the same for any
+            pool, only their order in the files changes.
     """
     from nabla.eval.report import print_summaries
 
-    plan = RunPlan(policy, reward, dataset, [method], output, limit, offset, seed, num_processes, progress)
+    plan = RunPlan(policy, reward, dataset, [method], output, limit, offset, seed, num_processes, progress, pool=pool)
     plan.problems = _sliced(problems, limit, offset)
     summaries = run(plan)
     print_summaries(summaries, title=_title(plan))
@@ -373,6 +459,7 @@ def compare(
     progress: bool = True,
     title: str | None = None,
     problems: list[Problem] | None = None,
+    pool: int = 1,
 ) -> list[MethodSummary]:
     """Run several methods on the same problems; print and write a side-by-side table and an accuracy-vs-cost plot.
 
@@ -386,15 +473,21 @@ def compare(
         offset: the first problem's index.
         seed: the run seed; each problem's seed derives from it and the problem id.
         num_processes: processes to shard problems across (Lightning Fabric DDP on CPU).
-        progress: show a progress bar.
+        progress: show progress (a bar on a terminal, a line every 20 s otherwise); ``false`` silences all
+            progress output, third-party bars included.
         title: the title of the table and the plot.
         problems: problems to run instead of the dataset's (Python callers, e.g. a generated task); ``limit`` and
             ``offset`` still apply, ``dataset.prompt_template`` still formats them.
+        pool: problems decoded at once per process (continuous batching: their rollouts, proposals and DTO
+            passes share batches, a finished problem's slot refilled at once); the records are the same for any
+            pool, only their order in the files changes.
     """
     from nabla.eval.report import plot_comparison, print_summaries, write_markdown
 
     methods = methods if methods is not None else default_methods()
-    plan = RunPlan(policy, reward, dataset, list(methods), output, limit, offset, seed, num_processes, progress)
+    plan = RunPlan(
+        policy, reward, dataset, list(methods), output, limit, offset, seed, num_processes, progress, pool=pool
+    )
     plan.problems = _sliced(problems, limit, offset)
     summaries = run(plan)
     heading = title or _title(plan)

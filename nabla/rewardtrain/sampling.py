@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from nabla.errors import ConfigurationError, DataError
+from nabla.errors import ConfigurationError, DataError, require_finite
 from nabla.eval.datasets import (
     DATASETS,
     PROMPT_TEMPLATE,
@@ -82,6 +82,7 @@ class SampleSettings:
     exclude_evaluation_overlap: bool = True
 
     def __post_init__(self) -> None:
+        require_finite(self)
         if not self.datasets:
             raise ConfigurationError("data.datasets is empty; name at least one training set, e.g. mawps/addsub")
         for source in self.datasets:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from nabla.errors import ConfigurationError
+from nabla.errors import ConfigurationError, require_finite
 
 #: The folder of ``work_dir`` that holds the trained adapter and score head.
 ADAPTER_FOLDER = "adapter"
@@ -31,6 +31,7 @@ class LoraSettings:
     layers: list[int] | None = None
 
     def __post_init__(self) -> None:
+        require_finite(self)
         if self.rank < 1 or self.alpha <= 0:
             raise ConfigurationError(f"lora.rank must be >= 1 and lora.alpha > 0 (got {self.rank}, {self.alpha})")
         if not 0.0 <= self.dropout < 1.0:
@@ -74,6 +75,7 @@ class TrainSettings:
     cache_frozen_layers: bool = True
 
     def __post_init__(self) -> None:
+        require_finite(self)
         if self.loss not in ("pointwise", "pairwise", "both"):
             raise ConfigurationError(f"unknown training.loss {self.loss!r}; use pointwise, pairwise or both")
         if self.lr <= 0 or self.epochs < 1 or self.problems_per_batch < 1 or self.accumulate_grad_batches < 1:

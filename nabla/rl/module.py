@@ -37,7 +37,7 @@ from torch import Tensor
 
 from nabla.baselines import derive_seed
 from nabla.cost import CALL_KINDS, EVENT_KINDS, CostMeter, backward_flops, forward_flops
-from nabla.errors import ConfigurationError, NablaError
+from nabla.errors import ConfigurationError, NablaError, require_finite
 from nabla.policy import Policy
 from nabla.reward import RewardModel
 from nabla.rl.advantages import AdvantageKind, advantages
@@ -105,6 +105,7 @@ class RLConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        require_finite(self, allow_inf=("lam",))  # lam = inf: no KL penalty
         if not self.lam > 0:
             raise ConfigurationError(f"lam must be > 0 (got {self.lam}); β = 1/λ, use inf for no KL")
         if self.kl_placement not in ("reward", "loss"):

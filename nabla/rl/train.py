@@ -152,6 +152,11 @@ def finetune(
         resume: a checkpoint to continue from (``last`` for the latest in ``trainer.default_root_dir``).
         output: folder of the trained adapter (peft ``save_pretrained``) and ``training_cost.json``.
     """
+    if policy.engine.kind != "hf":  # another engine would sample from the weights before training, not the policy's
+        raise ConfigurationError(
+            f"RL trains the policy's weights and samples from them; policy.engine.kind={policy.engine.kind} serves a "
+            "copy that does not change: set policy.engine.kind=hf"
+        )
     loaded_policy = policy.load()
     loaded_reward = load_verifier(verifier) if verifier else reward.load(loaded_policy)
     if loaded_reward is None:

@@ -7,7 +7,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification, PreTrainedTokenizerBase
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlamaForSequenceClassification,
+    LlamaForTokenClassification,
+    PreTrainedTokenizerBase,
+)
+
+#: the classifier class of each reward head: one score at the last token (outcome) or at every token (process)
+REWARD_CLASSES = {"sequence": LlamaForSequenceClassification, "token": LlamaForTokenClassification}
 
 
 @dataclass
@@ -44,21 +53,30 @@ def new_policy(tokenizer: PreTrainedTokenizerBase, size: ModelSize, seed: int) -
     return LlamaForCausalLM(size.config(tokenizer))
 
 
-def reward_from_policy(policy_dir: str | Path, seed: int, extra_layers: int = 0) -> LlamaForSequenceClassification:
+def reward_from_policy(
+    policy_dir: str | Path, seed: int, extra_layers: int = 0, head: str = "sequence", **config_extra: object
+) -> LlamaForSequenceClassification | LlamaForTokenClassification:
     """The reward model starts from the trained policy's body (it already reads the task), as reward models usually
     start from the policy they judge, with a new score head and ``extra_layers`` new decoder layers on top.
 
     The policy's last layer predicts each next token; a layer above it can compare that prediction with the token
     that follows and flag a wrong step, and another can gather the flags at the last position, where the reward
     is read. New layers start near the identity (small random weights on the residual stream).
+
+    ``head``: ``sequence`` (a ``LlamaForSequenceClassification``, read at the last token) or ``token`` (a
+    ``LlamaForTokenClassification``, a process reward model's head); ``config_extra`` goes into its config
+    (e.g. a PRM's ``step_separator``).
     """
     torch.manual_seed(seed)
     source = LlamaForCausalLM.from_pretrained(str(policy_dir), dtype=torch.float32)
     config = LlamaConfig.from_dict(source.config.to_dict())
     config.num_hidden_layers += extra_layers
     config.num_labels = 1
-    config.architectures = ["LlamaForSequenceClassification"]
-    model = LlamaForSequenceClassification(config)
+    for key, value in config_extra.items():
+        setattr(config, key, value)
+    model_class = REWARD_CLASSES[head]
+    config.architectures = [model_class.__name__]
+    model = model_class(config)
     missing, unexpected = model.model.load_state_dict(source.model.state_dict(), strict=False)
     new = {f"layers.{i}." for i in range(source.config.num_hidden_layers, config.num_hidden_layers)}
     if unexpected or any(not any(key.startswith(prefix) for prefix in new) for key in missing):
@@ -66,7 +84,10 @@ def reward_from_policy(policy_dir: str | Path, seed: int, extra_layers: int = 0)
     return model
 
 
-def new_reward(tokenizer: PreTrainedTokenizerBase, size: ModelSize, seed: int) -> LlamaForSequenceClassification:
-    """A freshly initialised one-label classifier (for a reward model trained from scratch)."""
+def new_reward(
+    tokenizer: PreTrainedTokenizerBase, size: ModelSize, seed: int, head: str = "sequence", **config_extra: object
+) -> LlamaForSequenceClassification | LlamaForTokenClassification:
+    """A freshly initialised one-label classifier (for a reward model trained from scratch); ``head`` and
+    ``config_extra`` as in :func:`reward_from_policy`."""
     torch.manual_seed(seed)
-    return LlamaForSequenceClassification(size.config(tokenizer, num_labels=1))
+    return REWARD_CLASSES[head](size.config(tokenizer, num_labels=1, **config_extra))

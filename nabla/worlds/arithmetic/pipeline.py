@@ -28,28 +28,20 @@ from typing import Any, Literal
 
 import torch
 
-from nabla.errors import ConfigurationError, DataError
+from nabla.errors import ConfigurationError, DataError, require_finite
+from nabla.mcmc import MCMCSettings
 from nabla.optimizer import LatentOptimizer
 from nabla.sampler import Sampler, SamplingConfig
 from nabla.trainer import Acceleration
 from nabla.worlds.arithmetic.models import ModelSize
-from nabla.worlds.arithmetic.task import ArithmeticTask, Problem, Splits, read_jsonl, write_jsonl
+from nabla.worlds.arithmetic.process import CORRUPTION_KINDS
+from nabla.worlds.arithmetic.task import ArithmeticTask, Problem, Splits, SplitSizes, read_jsonl, write_jsonl
 
 SPLIT_NAMES = ("test", "dev", "reward_train", "reward_val")
 TRAINING_FILE = "training.json"
 WORLD_FILE = "world.json"
 REPORT_FILE = "report.json"
 QUESTION_TEMPLATE = "{question}"  # the prompt is the question itself: the policy was trained on exactly that
-
-
-@dataclass
-class SplitSizes:
-    """How many problems each held-out split has."""
-
-    test: int = 200
-    dev: int = 200
-    reward_train: int = 1500
-    reward_val: int = 300
 
 
 @dataclass
@@ -66,17 +58,54 @@ class PolicyTraining:
     val_every: int = 200
 
     def __post_init__(self) -> None:
+        require_finite(self)
         if self.steps < 1 or self.batch_size < 1:
             raise ConfigurationError("policy.steps and policy.batch_size must be >= 1")
 
 
 @dataclass
-class RewardTraining:
-    """Training of the reward model on graded samples of the trained policy.
+class ProcessData:
+    """Synthetic process supervision (:mod:`nabla.worlds.arithmetic.process`) for the process reward models.
 
     Args:
+        problems: fresh problems (never a held-out question) whose gold solution is kept and corrupted.
+        corruptions_per_problem: corrupted versions of each (kinds drawn uniformly from ``kinds``), trained beside
+            the gold one in the same batches.
+        kinds: the corruption kinds to draw from.
+        policy_samples: also train on the graded policy samples of the ``reward_train`` problems.
+        direct_answers: likelihood PRMs also learn ``question → \\boxed{answer}`` (the answer without the steps).
+    """
+
+    problems: int = 8000
+    corruptions_per_problem: int = 2
+    kinds: list[str] = field(default_factory=lambda: list(CORRUPTION_KINDS))
+    policy_samples: bool = True
+    direct_answers: bool = True
+
+    def __post_init__(self) -> None:
+        require_finite(self)
+        if self.problems < 1 or self.corruptions_per_problem < 0:
+            raise ConfigurationError("reward.process.problems must be >= 1 and corruptions_per_problem >= 0")
+        unknown = [kind for kind in self.kinds if kind not in CORRUPTION_KINDS]
+        if unknown or not self.kinds:
+            raise ConfigurationError(
+                f"unknown reward.process.kinds {unknown}; choose from {', '.join(CORRUPTION_KINDS)}"
+            )
+
+
+@dataclass
+class RewardTraining:
+    """Training of the reward model (see :mod:`nabla.worlds.arithmetic.verifier`).
+
+    Args:
+        kind: ``likelihood`` (a process reward model read from a causal LM's step probabilities, trained on
+            synthetic process supervision and graded policy samples), ``classifier`` (a token-classification PRM
+            on the same data) or ``outcome`` (a sequence classifier on graded policy samples).
+        process: the synthetic process supervision (``likelihood`` / ``classifier``).
+        steps, batch_size: optimiser steps and rows per batch of the process reward models.
+        aggregation: how a PRM turns step scores into one reward (``last``, ``min``, ``prod``, ``mean``).
         init: ``policy`` starts from the trained policy's body (a new score head and ``extra_layers`` new decoder
-            layers on top); ``scratch`` from random weights of ``size``.
+            layers on top); ``scratch`` from random weights of ``size`` (``classifier`` / ``outcome``).
         samples_per_problem: policy samples per ``reward_train`` / ``reward_val`` problem.
         sampling: how those samples are drawn.
         loss: ``pairwise`` (Bradley-Terry within each problem), ``pointwise`` (binary cross-entropy) or ``both``.
@@ -95,6 +124,11 @@ class RewardTraining:
             the new parts learn to judge.
     """
 
+    kind: Literal["likelihood", "classifier", "outcome"] = "likelihood"
+    process: ProcessData = field(default_factory=ProcessData)
+    steps: int = 1500
+    batch_size: int = 128
+    aggregation: Literal["last", "min", "prod", "mean"] = "last"
     init: Literal["policy", "scratch"] = "policy"
     extra_layers: int = 0
     size: ModelSize = field(default_factory=ModelSize)
@@ -114,6 +148,7 @@ class RewardTraining:
     label: Literal["outcome", "chain"] = "outcome"
 
     def __post_init__(self) -> None:
+        require_finite(self)
         if self.label not in ("outcome", "chain"):
             raise ConfigurationError(f"reward.label must be 'outcome' or 'chain' (got {self.label!r})")
         if self.pretrain_steps < 0:
@@ -124,6 +159,12 @@ class RewardTraining:
             raise ConfigurationError("reward.samples_per_problem, epochs and problems_per_batch must be >= 1")
         if self.loss not in ("pairwise", "pointwise", "both"):
             raise ConfigurationError(f"reward.loss must be pairwise, pointwise or both (got {self.loss!r})")
+        if self.kind not in ("likelihood", "classifier", "outcome"):
+            raise ConfigurationError(f"reward.kind must be likelihood, classifier or outcome (got {self.kind!r})")
+        if self.steps < 1 or self.batch_size < 1:
+            raise ConfigurationError("reward.steps and reward.batch_size must be >= 1")
+        if self.aggregation not in ("last", "min", "prod", "mean"):
+            raise ConfigurationError(f"reward.aggregation must be last, min, prod or mean (got {self.aggregation!r})")
 
 
 @dataclass
@@ -139,7 +180,18 @@ class Comparison:
         optimizer, sampler, acceleration: ∇-Reasoner's settings (the sampler's rollout sampling, budget and length
             come from ``sampling``, ``budgets`` and the task).
         num_processes: processes to shard problems across (Lightning Fabric).
+        paired: pairs of method labels compared problem by problem (exact McNemar test, paired bootstrap 95%
+            interval of the accuracy difference) in ``report.json`` and ``paired.md``.
+        temperatures: a temperature sweep: every sampling method again at ``sweep_budget``, with its rollouts at each
+            of these temperatures (``output/compare_sweep``), so that sampling and the reward can be told apart.
+        sweep_budget: N of the sweep.
+        off_distribution: a harder task than the models were trained on (``null``: none), whose problems (never a
+            held-out question) are solved at ``sweep_budget`` as well (``output/compare_off``).
+        off_distribution_problems: how many of them.
         enabled: run the comparison at all (``false``: train the models only).
+        extra_methods: more methods of the main comparison, as ``name@n`` labels: ``nabla_metropolis@8``
+            (∇-Reasoner with the Metropolis acceptance, budget 8), ``mcmc@16`` (the DMALA sampler of ρ*, 16 steps).
+        mcmc: the DMALA sampler's ``lam``, ``step_size``, ``top_k``, ``answer`` and ``batch_size``.
         oracle: also run the search loops with the exact grader as their reward (``output/compare_oracle``):
             best-of-N picks a right sample whenever one exists, and ∇-Reasoner accepts a proposal only when it turns
             a wrong answer right (its DTO then follows the likelihood alone: the grader has no gradient). It
@@ -149,25 +201,57 @@ class Comparison:
     split: Literal["test", "dev"] = "test"
     limit: int | None = None
     budgets: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
-    baselines: list[str] = field(default_factory=lambda: ["self_consistency", "best_of_n"])
+    baselines: list[str] = field(
+        default_factory=lambda: ["sampling", "self_consistency", "best_of_n", "weighted_majority"]
+    )
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(temperature=0.6, top_p=0.95))
     optimizer: LatentOptimizer = field(default_factory=LatentOptimizer)
     sampler: Sampler = field(default_factory=Sampler)
     acceleration: Acceleration = field(default_factory=Acceleration)
     num_processes: int = 2
+    paired: list[list[str]] = field(
+        default_factory=lambda: [["nabla@8", "greedy"], ["nabla@8", "self_consistency@8"], ["nabla@8", "best_of_n@8"]]
+    )
+    temperatures: list[float] = field(default_factory=list)
+    sweep_budget: int = 8
+    off_distribution: ArithmeticTask | None = None
+    off_distribution_problems: int = 200
     folder: str = "compare"
+    extra_methods: list[str] = field(default_factory=list)
+    mcmc: MCMCSettings = field(default_factory=MCMCSettings)
     enabled: bool = True
     oracle: bool = False
 
     def __post_init__(self) -> None:
         if not self.budgets or min(self.budgets) < 1:
             raise ConfigurationError(f"comparison.budgets must be positive integers (got {self.budgets})")
+        if self.sweep_budget < 1 or self.off_distribution_problems < 1:
+            raise ConfigurationError("comparison.sweep_budget and off_distribution_problems must be >= 1")
+        if any(len(pair) != 2 for pair in self.paired):
+            raise ConfigurationError(f"comparison.paired takes pairs of method labels (got {self.paired})")
+        for temperature in self.temperatures:
+            SamplingConfig(temperature=temperature, top_p=self.sampling.top_p)
         from nabla.baselines import BASELINES
 
         unknown = [name for name in self.baselines if name not in BASELINES or name == "greedy"]
         if unknown:
             choices = ", ".join(name for name in BASELINES if name != "greedy")
             raise ConfigurationError(f"unknown comparison.baselines {unknown}; choose from {choices}")
+        for label in self.extra_methods:
+            extra_method(label)
+
+
+EXTRA_METHODS = ("nabla_metropolis", "mcmc")
+
+
+def extra_method(label: str) -> tuple[str, int]:
+    """``"mcmc@16"`` → ``("mcmc", 16)``; refuses other names and budgets."""
+    name, _, budget = label.partition("@")
+    if name not in EXTRA_METHODS or not budget.isdigit() or int(budget) < 1:
+        raise ConfigurationError(
+            f"comparison.extra_methods takes name@n with name in {', '.join(EXTRA_METHODS)} and n >= 1 (got {label!r})"
+        )
+    return name, int(budget)
 
 
 # ---------------------------------------------------------------------- the world's files
@@ -212,7 +296,7 @@ class World:
                     f"{folder} holds a world made with other task, split or seed settings; pass another --output "
                     "or delete the folder"
                 )
-        splits = Splits.build(task, seed, **asdict(sizes))
+        splits = Splits.build(task, seed, sizes)
         world = cls(folder, task, splits, seed)
         for name in SPLIT_NAMES:
             if not world.problems_path(name).is_file():
@@ -361,91 +445,6 @@ def measure_policy(world: World, progress: bool = True, rollout: SamplingConfig 
     }
 
 
-def train_reward(
-    world: World, settings: RewardTraining, policy_record: dict[str, Any], progress: bool = True
-) -> dict[str, Any]:
-    """Sample the policy, grade, train, save and measure the reward model, or reuse the one in ``world.reward_dir``."""
-    import lightning as L
-
-    from nabla.policy import Policy
-    from nabla.worlds.arithmetic.models import new_reward, reward_from_policy
-    from nabla.worlds.arithmetic.training import (
-        OptimSettings,
-        RewardDataModule,
-        RewardExamples,
-        RewardModule,
-        sample_policy,
-    )
-
-    config = {"training": asdict(settings), "seed": world.seed, "policy": policy_record["settings"]}
-    known = _reusable(world.reward_dir, config, "reward model")
-    if known is not None:
-        return known
-    _invalidate(world.folder / "compare")
-    started = time.perf_counter()
-    policy = Policy.from_pretrained(str(world.policy_dir))
-    train_samples = sample_policy(
-        policy, world.splits.reward_train, settings.samples_per_problem, settings.sampling, world.seed,
-        world.max_new_tokens, description="sampling the policy (reward training problems)",
-    )  # fmt: skip
-    val_samples = sample_policy(
-        policy, world.splits.reward_val, settings.samples_per_problem, settings.sampling, world.seed + 1,
-        world.max_new_tokens, description="sampling the policy (reward validation problems)",
-    )  # fmt: skip
-    sampling_s = time.perf_counter() - started
-
-    L.seed_everything(world.seed, workers=True, verbose=False)
-    if settings.init == "policy":
-        body = world.policy_dir
-        if settings.pretrain_steps:
-            body = train_reward_body(world, settings, policy_record, progress)
-        model = reward_from_policy(body, world.seed + 1, settings.extra_layers)
-    else:
-        model = new_reward(policy.tokenizer, settings.size, world.seed + 1)
-    formatter = _formatter(model, policy)
-    gold = _gold_ids(world, policy) if settings.step_weight or settings.label == "chain" else None
-    train = RewardExamples(train_samples, formatter, gold, settings.label)
-    val = RewardExamples(val_samples, formatter, gold, settings.label)
-    if train.positive_rate in (0.0, 1.0):
-        raise DataError(
-            f"every policy sample is {'wrong' if train.positive_rate == 0 else 'right'}; the reward model has "
-            "nothing to learn: train the policy for more or fewer steps"
-        )
-    data = RewardDataModule(train, val, policy.tokenizer.pad_token_id, settings.problems_per_batch, world.seed)
-    optim = OptimSettings(settings.lr, settings.weight_decay, settings.warmup_fraction)
-    body_layers = model.config.num_hidden_layers - settings.extra_layers if settings.init == "policy" else 0
-    module = RewardModule(model, optim, settings.loss, settings.step_weight, body_layers, settings.body_lr_scale)
-    trainer = _trainer(-1, settings.epochs, None, world.folder / "reward_logs", progress)
-    trainer.fit(module, datamodule=data)
-    training_s = time.perf_counter() - started - sampling_s
-
-    def save(folder: Path) -> None:
-        model.save_pretrained(folder)
-        policy.tokenizer.save_pretrained(folder)
-
-    _save_atomically(world.reward_dir, save)
-    _write_samples(world.folder / "reward_samples.jsonl", train_samples, val_samples)
-    metrics = {
-        "train_samples": len(train.rows),
-        "train_positive_rate": train.positive_rate,
-        "train_right_answer_rate": sum(s.correct for s in train_samples) / len(train_samples),
-        "val_samples": len(val.rows),
-        "val_positive_rate": val.positive_rate,
-        **reward_quality(world.reward_dir, policy, val_samples),
-    }
-    record = {
-        "settings": config,
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "metrics": metrics,
-        "body": _load_training(world.reward_lm_dir) if settings.init == "policy" and settings.pretrain_steps else None,
-        "sampling_s": sampling_s,
-        "training_s": training_s,
-        "wall_time_s": time.perf_counter() - started,
-    }
-    (world.reward_dir / TRAINING_FILE).write_text(json.dumps(record, indent=2))
-    return record
-
-
 def train_reward_body(
     world: World, settings: RewardTraining, policy_record: dict[str, Any], progress: bool = True
 ) -> Path:
@@ -497,117 +496,148 @@ def train_reward_body(
     return folder
 
 
-def _gold_ids(world: World, policy) -> dict[str, list[int]]:
-    """Token ids of each reward problem's gold response, EOS included (what a perfect policy would generate)."""
-    problems = world.splits.reward_train + world.splits.reward_val
-    encoded = policy.tokenizer([p.solution for p in problems], add_special_tokens=False)["input_ids"]
-    eos = policy.tokenizer.eos_token_id
-    return {p.id: [*ids, eos] for p, ids in zip(problems, encoded)}
-
-
-def _formatter(model, policy):
-    """A :class:`~nabla.SequenceClassifierReward` over ``model`` bound to the policy: its ``input_ids`` formats
-    every training input as scoring will (it freezes the model; the training module unfreezes it)."""
-    from nabla.reward import SequenceClassifierReward
-
-    formatter = SequenceClassifierReward(model, policy.tokenizer)
-    formatter.bind(policy)
-    return formatter
-
-
-def reward_quality(reward_dir: Path, policy, samples) -> dict[str, float]:
-    """How well the saved reward model, scoring through ``SequenceClassifierReward.score`` as decoding does, tells
-    right from wrong samples: AUROC over all samples, and the share of (right, wrong) pairs *of the same problem*
-    that it orders correctly (ties count half) — what best-of-N and ∇-Reasoner's acceptance test rely on, and
-    which no judgement of how hard a problem looks can raise."""
-    from torchmetrics.functional.classification import binary_auroc
-
-    from nabla.reward import SequenceClassifierReward
-
-    reward = SequenceClassifierReward.from_pretrained(str(reward_dir))
-    reward.bind(policy)
-    reward.batch_size = 256
-    scores = reward.score([s.prompt for s in samples], [s.response for s in samples], [s.token_ids for s in samples])
-    labels = torch.tensor([int(s.correct) for s in samples])
-    by_problem: dict[str, list[tuple[float, bool]]] = {}
-    for sample, score in zip(samples, scores.tolist()):
-        by_problem.setdefault(sample.problem_id, []).append((score, sample.correct))
-    ordered = pairs = 0.0
-    for group in by_problem.values():
-        for right in (score for score, correct in group if correct):
-            for wrong in (score for score, correct in group if not correct):
-                pairs += 1
-                ordered += 1.0 if right > wrong else 0.5 if right == wrong else 0.0
-    return {
-        "val_auc": float(binary_auroc(scores, labels)),
-        "val_pairwise_accuracy": ordered / pairs if pairs else float("nan"),
-        "val_pairs": pairs,
-    }
-
-
-def _write_samples(path: Path, train, val) -> None:
-    with path.open("w") as handle:
-        for split, samples in (("reward_train", train), ("reward_val", val)):
-            for s in samples:
-                handle.write(json.dumps({"split": split, **asdict(s)}) + "\n")
-
-
-def comparison_methods(comparison: Comparison, max_new_tokens: int, oracle: bool = False) -> list:
-    """Greedy once; every baseline and ∇-Reasoner at every budget. ``oracle``: best-of-N and ∇-Reasoner only,
-    ∇-Reasoner's DTO on likelihood alone (the oracle reward has no gradient)."""
+def comparison_methods(
+    comparison: Comparison,
+    max_new_tokens: int,
+    oracle: bool = False,
+    budgets: list[int] | None = None,
+    sampling: SamplingConfig | None = None,
+    suffix: str = "",
+) -> list:
+    """Greedy once; every baseline and ∇-Reasoner at every budget (``budgets``, default the comparison's), their
+    rollouts drawn with ``sampling`` (default the comparison's) and ``suffix`` appended to their labels.
+    ``oracle``: best-of-N and ∇-Reasoner only, ∇-Reasoner's DTO on likelihood alone (the oracle reward has no
+    gradient)."""
     from nabla.eval.methods import MethodSpec
 
     optimizer = replace(comparison.optimizer, reward_weight=0.0) if oracle else comparison.optimizer
-    suffix = " (oracle)" if oracle else ""
+    suffix = suffix + (" (oracle)" if oracle else "")
+    sampling = sampling or comparison.sampling
+    budgets = budgets or comparison.budgets
 
     def spec(name: str, n: int = 1) -> MethodSpec:
         label = f"{name}@{n}{suffix}" if n > 1 or name == "nabla" else f"{name}{suffix}"
         return MethodSpec(
             name,  # type: ignore[arg-type]
             n=n,
-            sampling=comparison.sampling,
+            sampling=sampling,
             max_new_tokens=max_new_tokens,
             optimizer=optimizer,
             sampler=comparison.sampler,
             acceleration=comparison.acceleration,
+            mcmc=comparison.mcmc,
             label=label,
         )
 
     if oracle:
-        return [spec(name, n) for n in comparison.budgets for name in ("best_of_n", "nabla")]
-    methods = [spec("greedy")]
-    for n in comparison.budgets:
+        return [spec(name, n) for n in budgets for name in ("best_of_n", "nabla")]
+    methods = [spec("greedy")] if not suffix else []
+    for n in budgets:
         methods += [spec(name, n) for name in comparison.baselines]
         methods.append(spec("nabla", n))
+    if budgets == comparison.budgets and not suffix:
+        methods += [spec(*extra_method(label)) for label in comparison.extra_methods]
     return methods
 
 
 def run_comparison(world: World, comparison: Comparison, progress: bool = True) -> list:
+    """The main comparison on ``comparison.split``: every method at every budget."""
+    count = comparison.limit or len(world.problems(comparison.split))
+    return _compare(
+        world,
+        comparison,
+        world.problems_path(comparison.split),
+        comparison_methods(comparison, world.max_new_tokens),
+        comparison.folder,
+        f"arithmetic world · {comparison.split} · {count} problems · seed {world.seed}",
+        progress,
+    )
+
+
+def run_temperature_sweep(world: World, comparison: Comparison, progress: bool = True) -> list:
+    """Every sampling method at ``sweep_budget`` with its rollouts at each of ``comparison.temperatures``."""
+    methods = []
+    for temperature in comparison.temperatures:
+        sampling = replace(comparison.sampling, temperature=temperature)
+        methods += comparison_methods(
+            comparison, world.max_new_tokens, budgets=[comparison.sweep_budget], sampling=sampling,
+            suffix=f" T={temperature:g}",
+        )  # fmt: skip
+    count = comparison.limit or len(world.problems(comparison.split))
+    title = f"arithmetic world · {comparison.split} · {count} problems · rollout temperature sweep"
+    return _compare(world, comparison, world.problems_path(comparison.split), methods, "compare_sweep", title, progress)
+
+
+def run_off_distribution(world: World, comparison: Comparison, progress: bool = True) -> list:
+    """Greedy and every method at ``sweep_budget`` on problems of the harder ``comparison.off_distribution`` task
+    (never a held-out question), with the response budget that task needs."""
+    from nabla.worlds.arithmetic.task import generate
+
+    task = comparison.off_distribution
+    assert task is not None
+    path = world.folder / "problems" / "off_distribution.jsonl"
+    if not path.is_file():
+        count = comparison.off_distribution_problems
+        write_jsonl(generate(task, count, seed=world.seed * 1000 + 7, exclude=world.splits.held_out()), path)
+    budget = task.max_response_chars + 8
+    methods = comparison_methods(comparison, budget, budgets=[comparison.sweep_budget])
+    title = (
+        f"arithmetic world · off distribution ({task.min_terms}-{task.max_terms} terms of "
+        f"{task.min_value}-{task.max_value}) · {comparison.off_distribution_problems} problems"
+    )
+    return _compare(world, replace(comparison, limit=None), path, methods, "compare_off", title, progress)
+
+
+def _compare(world: World, comparison: Comparison, path: Path, methods: list, folder: str, title: str, progress):
     from nabla.config import PolicySpec, RewardSpec
     from nabla.eval.datasets import DatasetSpec
     from nabla.eval.runner import compare
 
     dataset = DatasetSpec(
         name="jsonl",
-        path=str(world.problems_path(comparison.split)),
+        path=str(path),
         question_field="problem",
         answer_field="answer",
         id_field="id",
         prompt_template=QUESTION_TEMPLATE,
     )
-    count = comparison.limit or len(world.problems(comparison.split))
     return compare(
         policy=PolicySpec(name_or_path=str(world.policy_dir)),
         reward=RewardSpec(kind="classifier", name_or_path=str(world.reward_dir)),
         dataset=dataset,
-        methods=comparison_methods(comparison, world.max_new_tokens),
-        output=str(world.folder / comparison.folder),
+        methods=methods,
+        output=str(world.folder / folder),
         limit=comparison.limit,
         seed=world.seed,
         num_processes=comparison.num_processes,
         progress=progress,
-        title=f"arithmetic world · {comparison.split} · {count} problems · seed {world.seed}",
+        title=title,
     )
+
+
+def paired_tests(folder: Path, pairs: list[list[str]], title: str) -> list[dict[str, Any]]:
+    """``comparison.paired`` on the records in ``folder``: written to ``folder/paired.md`` and returned."""
+    from nabla.eval.paired import paired_from_records
+    from nabla.eval.runner import read_records
+
+    records = read_records(folder)
+    labels = {r["method"] for r in records}
+    results = [paired_from_records(records, a, b).to_dict() for a, b in pairs if a in labels and b in labels]
+    lines = [
+        f"## Paired tests · {title}",
+        "",
+        "| A | B | problems | accuracy A | accuracy B | A − B [95% CI] | only A | only B | exact McNemar p |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        low, high = r["difference_ci95"]
+        lines.append(
+            f"| {r['a']} | {r['b']} | {r['problems']} | {r['accuracy_a']:.1%} | {r['accuracy_b']:.1%} | "
+            f"{r['difference']:+.1%} [{low:+.1%}, {high:+.1%}] | {r['only_a']} | {r['only_b']} | "
+            f"{r['mcnemar_p']:.3g} |"
+        )
+    (folder / "paired.md").write_text("\n".join(lines) + "\n")
+    return results
 
 
 def run_oracle_comparison(world: World, comparison: Comparison, progress: bool = True) -> list:
@@ -688,13 +718,33 @@ def arithmetic(
     report["policy"] = train_policy(world, policy, progress)
     report["policy_stage_s"] = time.perf_counter() - stage
     stage = time.perf_counter()
-    report["reward"] = train_reward(world, reward, report["policy"], progress)
+    from nabla.worlds.arithmetic.verifier import train_reward
+
+    report["reward"] = train_reward(world, reward, report["policy"], comparison.sampling, progress)
     report["reward_stage_s"] = time.perf_counter() - stage
     if comparison.enabled:
         stage = time.perf_counter()
         summaries = run_comparison(world, comparison, progress)
         report["comparison"] = [s.to_dict() for s in summaries]
+        report["paired"] = paired_tests(world.folder / comparison.folder, comparison.paired, "main comparison")
         report["comparison_stage_s"] = time.perf_counter() - stage
+        if comparison.temperatures:
+            stage = time.perf_counter()
+            report["temperature_sweep"] = [s.to_dict() for s in run_temperature_sweep(world, comparison, progress)]
+            sweep_pairs = [
+                [f"{a} T={t:g}", f"{b} T={t:g}" if b != "greedy" else b]
+                for t in comparison.temperatures
+                for a, b in comparison.paired
+            ]
+            report["temperature_sweep_paired"] = paired_tests(world.folder / "compare_sweep", sweep_pairs, "sweep")
+            report["temperature_sweep_stage_s"] = time.perf_counter() - stage
+        if comparison.off_distribution is not None:
+            stage = time.perf_counter()
+            report["off_distribution"] = [s.to_dict() for s in run_off_distribution(world, comparison, progress)]
+            report["off_distribution_paired"] = paired_tests(
+                world.folder / "compare_off", comparison.paired, "off distribution"
+            )
+            report["off_distribution_stage_s"] = time.perf_counter() - stage
     if comparison.oracle:
         stage = time.perf_counter()
         report["oracle_comparison"] = [s.to_dict() for s in run_oracle_comparison(world, comparison, progress)]
@@ -717,12 +767,34 @@ def _print_report(report: dict[str, Any]) -> None:
     for key in ("dev_greedy_accuracy", "dev_sample_accuracy", "dev_pass_at_4"):
         table.add_row(f"policy {key.replace('_', ' ')}", f"{policy['metrics'][key]:.1%}")
     table.add_row("policy training (s)", f"{policy['training_s']:.0f}")
-    table.add_row("reward parameters", f"{reward['parameters']:,}")
-    table.add_row("reward held-out AUC", f"{reward['metrics']['val_auc']:.3f}")
-    table.add_row("reward same-problem pairs ordered", f"{reward['metrics']['val_pairwise_accuracy']:.1%}")
+    metrics = reward["metrics"]
+    table.add_row(f"reward model ({reward.get('kind', 'outcome')}) parameters", f"{reward['parameters']:,}")
+    for split in ("val", "test"):
+        table.add_row(
+            f"reward {split}: same-problem pairs ordered", _percent(metrics.get(f"{split}_pairwise_accuracy"))
+        )
+        table.add_row(f"reward {split}: AUC", _decimal(metrics.get(f"{split}_auc")))
+    low, high = metrics.get("best_of_8_lift_ci95") or (None, None)
+    lift = f"{_percent(metrics.get('best_of_8_lift'))} [{_percent(low)}, {_percent(high)}]"
+    table.add_row("reward test: best-of-8 lift over a sample", lift)
+    table.add_row("test: best-of-8 with the exact grader (pass@8)", _percent(metrics.get("test_pass_at_n")))
     table.add_row("reward sampling + training (s)", f"{reward['sampling_s'] + reward['training_s']:.0f}")
-    stages = {"policy_stage_s": "policy stage", "reward_stage_s": "reward stage", "comparison_stage_s": "comparison"}
+    stages = {
+        "policy_stage_s": "policy stage",
+        "reward_stage_s": "reward stage",
+        "comparison_stage_s": "comparison",
+        "temperature_sweep_stage_s": "temperature sweep",
+        "off_distribution_stage_s": "off-distribution set",
+    }
     for key, name in {**stages, "total_s": "total"}.items():
         if key in report:
             table.add_row(f"{name} (s)", f"{report[key]:.0f}")
     Console().print(table)
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1%}"
+
+
+def _decimal(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from nabla.errors import ConfigurationError, DataError
+from nabla.errors import ConfigurationError, DataError, require_finite
 
 QUESTION_SUFFIX = "=?"
 STEP_SEPARATOR = ";"
@@ -59,6 +59,7 @@ class ArithmeticTask:
     allow_negative: bool = True
 
     def __post_init__(self) -> None:
+        require_finite(self)
         if not 2 <= self.min_terms <= self.max_terms:
             raise ConfigurationError(f"need 2 <= min_terms <= max_terms (got {self.min_terms}, {self.max_terms})")
         if not 0 <= self.min_value <= self.max_value:
@@ -142,6 +143,21 @@ def stream(task: ArithmeticTask, seed: int, exclude: Iterable[str] = ()) -> Iter
 
 
 @dataclass
+class SplitSizes:
+    """How many problems each held-out split has (``test`` is for the comparison only)."""
+
+    test: int = 400
+    dev: int = 200
+    reward_train: int = 1500
+    reward_val: int = 300
+
+    def __post_init__(self) -> None:
+        require_finite(self)
+        if min(self.test, self.dev, self.reward_train, self.reward_val) < 1:
+            raise ConfigurationError("every split needs at least one problem")
+
+
+@dataclass
 class Splits:
     """The held-out problem sets, disjoint by question. ``test`` is for the comparison only; ``dev`` measures the
     policy during training; ``reward_train`` / ``reward_val`` are the reward model's training and AUC problems.
@@ -153,15 +169,9 @@ class Splits:
     reward_val: list[Problem]
 
     @classmethod
-    def build(
-        cls,
-        task: ArithmeticTask,
-        seed: int,
-        test: int = 200,
-        dev: int = 200,
-        reward_train: int = 1500,
-        reward_val: int = 300,
-    ) -> Splits:
+    def build(cls, task: ArithmeticTask, seed: int, sizes: SplitSizes | None = None) -> Splits:
+        sizes = sizes or SplitSizes()
+        test, dev, reward_train, reward_val = sizes.test, sizes.dev, sizes.reward_train, sizes.reward_val
         taken: set[str] = set()
         parts: list[list[Problem]] = []
         for offset, size in enumerate((test, dev, reward_train, reward_val)):

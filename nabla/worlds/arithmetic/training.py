@@ -23,10 +23,13 @@ from torch.utils.data import DataLoader, Dataset
 from torchmetrics.classification import BinaryAUROC
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from nabla.errors import require_finite
 from nabla.policy import Policy
+from nabla.prm import ProcessRewardModel
 from nabla.reward import SequenceClassifierReward
 from nabla.rewardtrain.module import pairwise_loss, warmup_cosine
 from nabla.sampler import SamplingConfig
+from nabla.worlds.arithmetic.process import LabelledResponse
 from nabla.worlds.arithmetic.task import ArithmeticTask, Problem, is_correct, stream
 
 IGNORE = -100
@@ -39,6 +42,9 @@ class OptimSettings:
     lr: float = 1e-3
     weight_decay: float = 0.01
     warmup_fraction: float = 0.1
+
+    def __post_init__(self) -> None:
+        require_finite(self)
 
     def configure(self, module: L.LightningModule, groups: list[dict] | None = None) -> dict:
         """``groups``: optional parameter groups, each with an ``lr_scale`` (default: every parameter at ``lr``)."""
@@ -120,6 +126,39 @@ class PolicyDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_set, batch_size=256, collate_fn=self.collate)
+
+
+class MaskedRowsDataModule(L.LightningDataModule):
+    """Rows of ``(input ids, targets)`` (targets ``-100`` where there is none), right-padded for
+    :class:`PolicyModule`: the supervision of a likelihood process reward model."""
+
+    def __init__(
+        self,
+        train: Sequence[tuple[list[int], list[int]]],
+        val: Sequence[tuple[list[int], list[int]]],
+        pad_token_id: int,
+        batch_size: int,
+        seed: int,
+    ) -> None:
+        super().__init__()
+        self.train_rows, self.val_rows = list(train), list(val)
+        self.pad, self.batch_size, self.seed = pad_token_id, batch_size, seed
+
+    def collate(self, batch: list[tuple[list[int], list[int]]]) -> dict[str, Tensor]:
+        return {
+            "input_ids": _right_pad([ids for ids, _ in batch], self.pad),
+            "attention_mask": _right_pad([[1] * len(ids) for ids, _ in batch], 0),
+            "labels": _right_pad([targets for _, targets in batch], IGNORE),
+        }
+
+    def train_dataloader(self) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.seed)
+        return DataLoader(
+            self.train_rows, batch_size=self.batch_size, shuffle=True, collate_fn=self.collate, generator=generator
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_rows, batch_size=256, collate_fn=self.collate)
 
 
 class PolicyModule(L.LightningModule):
@@ -255,6 +294,45 @@ class RewardExamples(Dataset):
     def positive_rate(self) -> float:
         rows = self.rows
         return sum(row[1] for row in rows) / max(1, len(rows))
+
+
+class ProcessExamples(RewardExamples):
+    """Process-supervised inputs for a :class:`~nabla.prm.ProcessRewardModel`, grouped by problem: each row's
+    labels sit exactly where the PRM reads its scores (every step end of the response but the last position, in
+    order, then the last position with the outcome), ``-1`` elsewhere.
+
+    ``items``: ``(problem id, prompt, response token ids, labelled response)``; the labelled response's step labels
+    are those of :func:`~nabla.worlds.arithmetic.process.step_labels`. With ``gold`` (problem id -> the gold
+    response's token ids) every other response token is labelled too, 1 while the response so far agrees with the
+    gold chain ("no error yet", token by token: the error's exact token is marked); the step ends keep their step
+    labels.
+    """
+
+    def __init__(
+        self,
+        items: Sequence[tuple[str, str, Sequence[int], LabelledResponse]],
+        reward: ProcessRewardModel,
+        gold: dict[str, list[int]] | None = None,
+    ):
+        groups: dict[str, list[Row]] = {}
+        step_end = reward.step_end_mask().cpu()
+        for problem_id, prompt, token_ids, labelled in items:
+            ids = reward.input_ids(prompt, "", list(token_ids)).tolist()
+            opening, closing = (len(part) for part in reward._pieces(prompt))
+            last = len(ids) - 1
+            ends = [i for i in range(opening, len(ids) - closing) if step_end[ids[i]] and i != last]
+            steps = list(labelled.step_labels)[: len(ends)]
+            if len(steps) != len(ends):
+                raise ValueError(f"{len(ends)} step ends but {len(steps)} step labels in {labelled.text!r}")
+            labels = [-1.0] * len(ids)
+            if gold is not None:
+                agreement = _prefix_labels(token_ids, gold[problem_id], len(ids) - closing)
+                labels[: len(agreement)] = agreement
+            for position, label in zip(ends, steps):
+                labels[position] = label
+            labels[last] = labelled.outcome
+            groups.setdefault(problem_id, []).append((ids, labelled.outcome, labels))
+        self.groups = list(groups.values())
 
 
 def _prefix_labels(response: Sequence[int], gold: Sequence[int], width: int) -> list[float]:

@@ -7,9 +7,16 @@ For each λ and prompt, the total-variation distance to ``ρ* ∝ π_ref · exp(
   (``E_π[λ r] - KL(π ‖ π_ref) = -KL(π ‖ ρ*) + const``): what this adapter can reach at best (exact);
 - ``rl_{k1,k3}_{rloo,grpo}``: :class:`nabla.rl.KLRegularizedRL` trained on samples (k1 in the reward or k3 in
   the loss; RLOO or GRPO advantages), its distribution computed exactly after training;
-- ``nabla`` / ``nabla_no_rejection``: the empirical distribution of :meth:`nabla.TestTimeTrainer.fit` over many
-  seeds (rollouts and resampling at temperature 1 so that the base measure is π_ref; every position optimised);
-- ``langevin``: the empirical distribution of :func:`langevin_sample` over as many seeds;
+- ``nabla`` / ``nabla_no_rejection`` / ``nabla_metropolis``: the empirical distribution of
+  :meth:`nabla.TestTimeTrainer.fit` over many seeds (rollouts and resampling at temperature 1 so that the base
+  measure is π_ref; every position optimised), with the paper's acceptance, none, or the Metropolis test;
+- ``langevin`` / ``langevin_noise_only``: the empirical distribution of :func:`langevin_sample` over as many seeds
+  (the second without the gradient step);
+- ``mcmc`` / ``mcmc@N`` / ``dula``: the empirical distribution of :class:`nabla.MCMCSampler` (DMALA) at its
+  recommended step count / at ``N`` steps / without its Metropolis test;
+- ``nabla_exact`` / ``nabla_no_rejection_exact`` / ``nabla_metropolis_exact`` (``@S``): the exact law of the
+  ∇-Reasoner rows' output, by enumerating the loop's transitions (:mod:`nabla.worlds.enumerable.loop`; after ``S``
+  sweeps of the Metropolis loop instead of the loop's one);
 
 beside the sampling-noise floor: the TV of an empirical distribution of the same size drawn from ρ* itself
 (and from π_ref, for the distance to π_ref). Rows go to a JSONL file as they finish; a rerun skips them.
@@ -21,7 +28,7 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +38,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import Tensor
 
 from nabla.cost import CostMeter
-from nabla.errors import ConfigurationError
+from nabla.errors import ConfigurationError, require_finite
+from nabla.mcmc import MCMCSampler, MCMCSettings
 from nabla.optimizer import LatentOptimizer
 from nabla.rl.kl import exact_kl, total_variation
 from nabla.rl.module import LoRASettings, RLConfig, attach_lora, response_log_probs
@@ -39,6 +47,7 @@ from nabla.rl.train import RLTrainerSettings, train_rl
 from nabla.sampler import Sampler, SamplingConfig, TokenSelection
 from nabla.trainer import TestTimeTrainer
 from nabla.worlds.enumerable.langevin import LangevinDTO, langevin_sample
+from nabla.worlds.enumerable.loop import LoopChain, loop_law
 from nabla.worlds.enumerable.world import EnumerableWorld, build_world, load_world, save_world
 
 LLAMA_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -48,7 +57,63 @@ RL_METHODS = {
     "rl_k3_rloo": ("loss", "rloo"),
     "rl_k3_grpo": ("loss", "grpo"),
 }
-METHODS = ("pi_ref", "rl_exact", *RL_METHODS, "nabla", "nabla_no_rejection", "langevin")
+#: The ``mcmc`` row's step count: the fewest of those measured with TV within 1.5x of the noise floor at every λ
+#: (docs/duality.md, "The DMALA sampler").
+RECOMMENDED_STEPS = 60
+NABLA_METHODS = ("nabla", "nabla_no_rejection", "nabla_metropolis")
+METHODS = (
+    "pi_ref",
+    "rl_exact",
+    *RL_METHODS,
+    *NABLA_METHODS,
+    "langevin",
+    "langevin_noise_only",
+    "dula",
+    "mcmc",
+    "nabla_exact",
+    "nabla_no_rejection_exact",
+    "nabla_metropolis_exact",
+)
+#: the extra step-count rows of the sampler: ``mcmc@<steps>``
+MCMC_PREFIX = "mcmc@"
+#: exact output laws of ∇-Reasoner's loop (by enumeration, nabla/worlds/enumerable/loop.py): method -> acceptance rule;
+#: ``nabla_metropolis_exact@<sweeps>`` is the law after that many sweeps of the Metropolis loop
+EXACT_LOOP = {"nabla_exact": "reward", "nabla_no_rejection_exact": "always", "nabla_metropolis_exact": "metropolis"}
+SWEEPS_PREFIX = "nabla_metropolis_exact@"
+
+
+def _count_suffix(method: str, prefix: str) -> int | None:
+    rest = method[len(prefix) :] if method.startswith(prefix) else ""
+    return int(rest) if rest.isdigit() else None
+
+
+def mcmc_steps(method: str, settings: DualitySettings) -> int | None:
+    """The step count of an MCMC row (``mcmc``: the settings' own, ``mcmc@N``: N); ``None`` for other methods."""
+    if method in ("mcmc", "dula"):
+        return settings.mcmc.steps
+    return _count_suffix(method, MCMC_PREFIX)
+
+
+def loop_sweeps(method: str) -> tuple[str, int] | None:
+    """The acceptance rule and number of sweeps of an exact-loop row; ``None`` for other methods."""
+    if method in EXACT_LOOP:
+        return EXACT_LOOP[method], 1
+    sweeps = _count_suffix(method, SWEEPS_PREFIX)
+    return ("metropolis", sweeps) if sweeps else None
+
+
+def known_method(method: str) -> bool:
+    return method in METHODS or mcmc_steps(method, DualitySettings()) is not None or loop_sweeps(method) is not None
+
+
+def method_order(method: str) -> tuple[int, int]:
+    """Table and legend order: :data:`METHODS`, the ``mcmc@N`` rows by N just before ``mcmc``, the
+    ``nabla_metropolis_exact@N`` rows by N after ``nabla_metropolis_exact``."""
+    if (steps := _count_suffix(method, MCMC_PREFIX)) is not None:
+        return METHODS.index("mcmc"), steps - 10**9
+    if (sweeps := _count_suffix(method, SWEEPS_PREFIX)) is not None:
+        return METHODS.index("nabla_metropolis_exact"), sweeps
+    return METHODS.index(method), 0
 
 
 @dataclass
@@ -68,6 +133,8 @@ class DualitySettings:
         dto_steps, dto_lr: ∇-Reasoner's DTO (paper defaults: 20 steps, lr 0.01).
         max_rollouts: ∇-Reasoner's rollout budget.
         langevin: Langevin-DTO settings (its λ is set per row).
+        mcmc: the DMALA sampler's settings (λ and ``max_new_tokens`` are set per row; ``steps`` is the ``mcmc``
+            row's, the recommended count; ``mcmc@N`` rows run N steps).
         noise_repeats: draws of the noise floor averaged.
         world_folder: a world saved by an earlier run (its ``world_seed<k>`` folder) to reuse as it is; default:
             ``<folder>/world_seed<world_seed>``, built on first use.
@@ -90,8 +157,12 @@ class DualitySettings:
     dto_lr: float = 0.01
     max_rollouts: int = 8
     langevin: LangevinDTO = field(default_factory=LangevinDTO)
+    mcmc: MCMCSettings = field(default_factory=lambda: MCMCSettings(steps=RECOMMENDED_STEPS, batch_size=500))
     noise_repeats: int = 20
     world_folder: str | None = None
+
+    def __post_init__(self) -> None:
+        require_finite(self)
 
 
 def lora_settings(settings: DualitySettings) -> LoRASettings:
@@ -201,11 +272,20 @@ def sampled_rl(
     return distributions, {"curve": tracker.curve, "training_cost": module.training_cost()}
 
 
-def nabla_samples(
-    world: EnumerableWorld, lam: float, settings: DualitySettings, rejection: bool, meter_totals: dict[str, float]
-) -> dict[str, list[list[int]]]:
+def add_stats(totals: dict[str, float], stats: dict[str, Any]) -> None:
+    """Sum a sample's cost snapshot into ``totals`` (its number kinds only)."""
+    for key, value in stats.items():
+        if isinstance(value, (int, float)):
+            totals[key] = totals.get(key, 0.0) + float(value)
+
+
+def nabla_trainer(world: EnumerableWorld, lam: float, settings: DualitySettings, method: str) -> TestTimeTrainer:
+    """∇-Reasoner as this check runs it: rollouts and resampling at temperature 1 (π_ref is the base measure),
+    every position optimised, the acceptance of ``method`` (``nabla``, ``nabla_no_rejection`` or
+    ``nabla_metropolis``)."""
     unit = SamplingConfig(temperature=1.0, top_p=None)
-    trainer = TestTimeTrainer(
+    metropolis = method == "nabla_metropolis"
+    return TestTimeTrainer(
         world.policy,
         world.reward,
         LatentOptimizer(steps=settings.dto_steps, lr=settings.dto_lr, reward_weight=lam, likelihood_weight=1.0),
@@ -213,11 +293,20 @@ def nabla_samples(
             rollout=unit,
             resample=unit,
             selection=TokenSelection(max_confidence=None, min_entropy=None, min_grad_norm=None),
-            rejection_sampling=rejection,
+            rejection_sampling=method != "nabla_no_rejection",
+            acceptance="metropolis" if metropolis else "reward",
+            target_lam=lam if metropolis else None,
             max_rollouts=settings.max_rollouts,
             max_new_tokens=settings.max_new_tokens,
         ),
+        enable_progress_bar=False,
     )
+
+
+def nabla_samples(
+    world: EnumerableWorld, lam: float, settings: DualitySettings, method: str, meter_totals: dict[str, float]
+) -> dict[str, list[list[int]]]:
+    trainer = nabla_trainer(world, lam, settings, method)
     out: dict[str, list[list[int]]] = {}
     for prompt in world.prompts:
         results = []
@@ -226,15 +315,14 @@ def nabla_samples(
             results += trainer.fit_batch([prompt] * count, seeds=list(range(start, start + count)))
         out[prompt] = [r.token_ids for r in results]
         for result in results:
-            for key in ("model_calls", "flops"):
-                meter_totals[key] = meter_totals.get(key, 0.0) + result.stats[key]
+            add_stats(meter_totals, result.stats)
     return out
 
 
 def langevin_samples(
-    world: EnumerableWorld, lam: float, settings: DualitySettings, meter_totals: dict[str, float]
+    world: EnumerableWorld, lam: float, settings: DualitySettings, meter_totals: dict[str, float], drift: bool = True
 ) -> dict[str, list[list[int]]]:
-    langevin = LangevinDTO(**{**asdict(settings.langevin), "lam": lam})
+    langevin = LangevinDTO(**{**asdict(settings.langevin), "lam": lam, "drift": drift})
     meter = CostMeter()
     out = {}
     for prompt in world.prompts:
@@ -243,9 +331,41 @@ def langevin_samples(
                             settings.max_new_tokens, meter).response
             for seed in range(settings.samples)
         ]  # fmt: skip
-    snapshot = meter.snapshot()
-    meter_totals["model_calls"], meter_totals["flops"] = snapshot["model_calls"], snapshot["flops"]
+    add_stats(meter_totals, meter.snapshot())
     return out
+
+
+def mcmc_samples(
+    world: EnumerableWorld,
+    lam: float,
+    settings: DualitySettings,
+    steps: int,
+    metropolis: bool,
+    totals: dict[str, float],
+) -> dict[str, list[list[int]]]:
+    """Samples of :class:`MCMCSampler` at this row's λ and step count, ``settings.samples`` seeds per prompt."""
+    mcmc = replace(settings.mcmc, lam=lam, steps=steps, metropolis=metropolis, max_new_tokens=settings.max_new_tokens)
+    sampler = MCMCSampler(world.policy, world.reward, mcmc)
+    out: dict[str, list[list[int]]] = {}
+    for prompt in world.prompts:
+        results = sampler.sample_batch([prompt] * settings.samples, seeds=list(range(settings.samples)))
+        out[prompt] = [r.token_ids for r in results]
+        for result in results:
+            add_stats(totals, result.stats)
+    return out
+
+
+def per_sample(totals: dict[str, float], samples: int) -> dict[str, float | None]:
+    """Mean cost of one response: model calls, FLOPs, objective evaluations (LM+RM forward and backward at one
+    text: counted by their LM backward pass), proposals; and the acceptance rate of the proposals."""
+    proposals = totals.get("proposals", 0.0)
+    return {
+        "model_calls": totals.get("model_calls", 0.0) / samples,
+        "flops": totals.get("flops", 0.0) / samples,
+        "evaluations": totals.get("lm_backward", 0.0) / samples,
+        "proposals": proposals / samples,
+        "acceptance_rate": totals.get("acceptances", 0.0) / proposals if proposals else None,
+    }
 
 
 def measure(method: str, lam: float, settings: DualitySettings, folder: Path) -> dict[str, Any]:
@@ -266,14 +386,26 @@ def measure(method: str, lam: float, settings: DualitySettings, folder: Path) ->
         distributions, extra = sampled_rl(world, lam, settings, placement, advantage, folder / f"{method}_{lam:g}")
         row.update(extra)
         cost = {k: extra["training_cost"][k] for k in ("model_calls", "flops")}
-    elif method in ("nabla", "nabla_no_rejection"):
-        samples = nabla_samples(world, lam, settings, method == "nabla", cost)
+    elif method in NABLA_METHODS:
+        samples = nabla_samples(world, lam, settings, method, cost)
         distributions, empirical = {p: world.distribution(s) for p, s in samples.items()}, True
-    elif method == "langevin":
-        samples = langevin_samples(world, lam, settings, cost)
+    elif method in ("langevin", "langevin_noise_only"):
+        samples = langevin_samples(world, lam, settings, cost, drift=method == "langevin")
         distributions, empirical = {p: world.distribution(s) for p, s in samples.items()}, True
+    elif (loop := loop_sweeps(method)) is not None:
+        rule, sweeps = loop
+        name = {"reward": "nabla", "always": "nabla_no_rejection", "metropolis": "nabla_metropolis"}[rule]
+        trainer = nabla_trainer(world, lam, settings, name)
+        distributions = {p: loop_law(LoopChain(world, trainer, p), rule, sweeps) for p in world.prompts}
+        row["sweeps"] = sweeps
+    elif (steps := mcmc_steps(method, settings)) is not None:
+        samples = mcmc_samples(world, lam, settings, steps, method != "dula", cost)
+        distributions, empirical = {p: world.distribution(s) for p, s in samples.items()}, True
+        row["steps"] = steps
     else:
-        raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+        raise ValueError(
+            f"unknown method {method!r}; choose from {', '.join(METHODS)}, mcmc@<steps>, {SWEEPS_PREFIX}<n>"
+        )
     row["seconds"] = time.perf_counter() - started
     row["cost"] = cost
     prompts = world.prompts
@@ -287,6 +419,7 @@ def measure(method: str, lam: float, settings: DualitySettings, folder: Path) ->
     row["rho_mean_reward"] = {p: float((rho[p] * rewards[p]).sum()) for p in prompts}
     if empirical:
         row["samples"] = settings.samples
+        row["per_sample"] = per_sample(cost, settings.samples * len(prompts))
         seed = int(lam * 1000) + settings.world_seed
         row["floor_rho"] = {p: noise_floor(rho[p], settings.samples, settings.noise_repeats, seed) for p in prompts}
         row["floor_pi_ref"] = {
@@ -330,8 +463,31 @@ LABELS = {
     "rl_k3_grpo": "RL sampled: k3 in loss, GRPO",
     "nabla": "∇-Reasoner (DTO + rejection)",
     "nabla_no_rejection": "∇-Reasoner without rejection",
+    "nabla_metropolis": "∇-Reasoner, Metropolis acceptance",
     "langevin": "Langevin DTO",
+    "langevin_noise_only": "Langevin DTO, noise only (no drift)",
+    "dula": "discrete Langevin without the MH test (DULA)",
+    "mcmc": "DMALA sampler (mcmc)",
+    "nabla_exact": "∇-Reasoner (DTO + rejection): exact law of its output",
+    "nabla_no_rejection_exact": "∇-Reasoner without rejection: exact law",
+    "nabla_metropolis_exact": "∇-Reasoner, Metropolis acceptance: exact law",
 }
+
+
+def method_label(method: str, row: dict[str, Any] | None = None) -> str:
+    """The display name of a method; MCMC rows name their step count."""
+    steps = row.get("steps") if row else None
+    if method.startswith(MCMC_PREFIX):
+        return f"DMALA sampler, {method[len(MCMC_PREFIX) :]} steps"
+    if method.startswith(SWEEPS_PREFIX):
+        return f"∇-Reasoner, Metropolis acceptance: exact law after {method[len(SWEEPS_PREFIX) :]} sweeps"
+    if method in ("mcmc", "dula") and steps is not None:
+        return f"{LABELS[method]}, {steps} steps"
+    return LABELS[method]
+
+
+def ordered_methods(rows: list[dict[str, Any]]) -> list[str]:
+    return sorted({r["method"] for r in rows}, key=method_order)
 
 
 def duality_table(rows: list[dict[str, Any]]) -> str:
@@ -341,12 +497,11 @@ def duality_table(rows: list[dict[str, Any]]) -> str:
     header = "| method | " + " | ".join(f"TV to ρ*, λ={lam:g}" for lam in lams) + " | "
     header += " | ".join(f"E[r], λ={lam:g}" for lam in lams) + " |"
     lines = [header, "|---" * (1 + 2 * len(lams)) + "|"]
-    for method in METHODS:
-        if not any((method, lam) in by_key for lam in lams):
-            continue
+    for method in ordered_methods(rows):
         cells = [_cell(by_key.get((method, lam)), "tv_rho_mean") for lam in lams]
         cells += [_cell(by_key.get((method, lam)), "mean_reward_mean") for lam in lams]
-        lines.append(f"| {LABELS[method]} | " + " | ".join(cells) + " |")
+        first = next(by_key[(method, lam)] for lam in lams if (method, lam) in by_key)
+        lines.append(f"| {method_label(method, first)} | " + " | ".join(cells) + " |")
     floors = [next((r for r in rows if r["lam"] == lam and r.get("floor_rho")), None) for lam in lams]
     if any(floors):
         cells = [_floor(f, "floor_rho") for f in floors]
@@ -355,6 +510,68 @@ def duality_table(rows: list[dict[str, Any]]) -> str:
     cells = ["" for _ in lams] + [_cell(r, "rho_mean_reward_mean") for r in optimum]
     lines.append("| ρ* itself | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def cost_table(rows: list[dict[str, Any]]) -> str:
+    """Markdown: per response, the acceptance rate of the proposals, objective evaluations and model calls, per
+    method and λ (sampled methods only)."""
+    lams = sorted({r["lam"] for r in rows})
+    by_key = {(r["method"], r["lam"]): r for r in rows}
+    parts = [("acceptance", "acceptance_rate", "{:.2f}"), ("evaluations", "evaluations", "{:.1f}")]
+    parts.append(("model calls", "model_calls", "{:.1f}"))
+    header = "| method | " + " | ".join(f"{name}, λ={lam:g}" for name, _, _ in parts for lam in lams) + " |"
+    lines = [header, "|---" * (1 + len(parts) * len(lams)) + "|"]
+    for method in ordered_methods(rows):
+        keyed = [by_key.get((method, lam)) for lam in lams]
+        if not any(r and r.get("per_sample") for r in keyed):
+            continue
+        cells = []
+        for _, key, form in parts:
+            for r in keyed:
+                value = (r.get("per_sample") or {}).get(key) if r else None
+                cells.append("–" if value is None else form.format(value))
+        first = next(r for r in keyed if r)
+        lines.append(f"| {method_label(method, first)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n" if len(lines) > 2 else ""
+
+
+def lam_key(lam: float) -> str:
+    return f"{lam:g}"
+
+
+def duality_summary(rows: list[dict[str, Any]], floors: dict[float, float]) -> dict[str, Any]:
+    """``duality.json``: ``tv[method][λ]`` and ``noise_floor[λ]`` (λ as ``"1"``, ``"4"``, ``"16"``), with mean
+    rewards, ρ*'s, and per-response acceptance rates, evaluations and model calls of the sampled methods."""
+    out: dict[str, Any] = {"tv": {}, "noise_floor": {lam_key(lam): floor for lam, floor in sorted(floors.items())}}
+    for key in ("tv_pi_ref", "mean_reward", "acceptance_rate", "evaluations_per_sample", "model_calls_per_sample"):
+        out[key] = {}
+    out["rho_mean_reward"] = {}
+    for row in sorted(rows, key=lambda r: (method_order(r["method"]), r["lam"])):
+        method, lam = row["method"], lam_key(row["lam"])
+        out["tv"].setdefault(method, {})[lam] = row["tv_rho_mean"]
+        out["tv_pi_ref"].setdefault(method, {})[lam] = row["tv_pi_ref_mean"]
+        out["mean_reward"].setdefault(method, {})[lam] = row["mean_reward_mean"]
+        out["rho_mean_reward"][lam] = row["rho_mean_reward_mean"]
+        cost = row.get("per_sample")
+        if cost:
+            out["acceptance_rate"].setdefault(method, {})[lam] = cost["acceptance_rate"]
+            out["evaluations_per_sample"].setdefault(method, {})[lam] = cost["evaluations"]
+            out["model_calls_per_sample"].setdefault(method, {})[lam] = cost["model_calls"]
+    return out
+
+
+def noise_floors(settings: DualitySettings, folder: Path) -> dict[float, float]:
+    """The noise floor at each λ: mean over prompts of the TV of ``samples`` draws from ρ* (as in the rows)."""
+    world = fresh_world(settings, folder)
+    floors = {}
+    for lam in settings.lams:
+        seed = int(lam * 1000) + settings.world_seed
+        values = [
+            noise_floor(world.rho_star(p, lam), settings.samples, settings.noise_repeats, seed)[0]
+            for p in world.prompts
+        ]
+        floors[lam] = sum(values) / len(values)
+    return floors
 
 
 def _cell(row: dict[str, Any] | None, key: str) -> str:
@@ -380,11 +597,11 @@ def duality_plots(rows: list[dict[str, Any]], folder: Path) -> list[Path]:
     lams = sorted({r["lam"] for r in rows})
     by_key = {(r["method"], r["lam"]): r for r in rows}
     figure, axis = plt.subplots(figsize=(7.5, 4.8))
-    for method in METHODS:
+    for method in ordered_methods(rows):
         points = [(lam, by_key[(method, lam)]["tv_rho_mean"]) for lam in lams if (method, lam) in by_key]
         if points:
             style = "--" if method == "pi_ref" else "-"
-            axis.plot(*zip(*points), style, marker="o", label=LABELS[method])
+            axis.plot(*zip(*points), style, marker="o", label=method_label(method, by_key[(method, points[0][0])]))
     floors = [
         (lam, r) for lam in lams for r in [next((x for x in rows if x["lam"] == lam and x.get("floor_rho")), None)] if r
     ]
@@ -412,7 +629,13 @@ def duality_plots(rows: list[dict[str, Any]], folder: Path) -> list[Path]:
             row = by_key.get((method, lam))
             if row and row.get("curve"):
                 axis.plot([c["step"] for c in row["curve"]], [c["tv"] for c in row["curve"]], label=LABELS[method])
-        for method, style in (("pi_ref", "k--"), ("rl_exact", "k:"), ("nabla", "r--"), ("langevin", "m--")):
+        for method, style in (
+            ("pi_ref", "k--"),
+            ("rl_exact", "k:"),
+            ("nabla", "r--"),
+            ("langevin", "m--"),
+            ("mcmc", "g--"),
+        ):
             row = by_key.get((method, lam))
             if row:
                 axis.axhline(row["tv_rho_mean"], linestyle=style[1:], color=style[0], label=LABELS[method], lw=1)
@@ -426,7 +649,66 @@ def duality_plots(rows: list[dict[str, Any]], folder: Path) -> list[Path]:
     curve_path = folder / "duality_rl_curves.png"
     figure.savefig(curve_path, dpi=130)
     plt.close(figure)
-    return [tv_path, curve_path]
+    return [tv_path, curve_path, tv_cost_plot(rows, folder)]
+
+
+def tv_cost_plot(rows: list[dict[str, Any]], folder: Path) -> Path:
+    """``duality_tv_cost.png``: TV to ρ* against objective evaluations per response, one panel per λ; the DMALA
+    rows (``mcmc@N``, ``mcmc``) joined by step count, π_ref and the best RL row as reference lines, the noise
+    floor as a band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lams = sorted({r["lam"] for r in rows})
+    by_key = {(r["method"], r["lam"]): r for r in rows}
+    figure, axes = plt.subplots(1, len(lams), figsize=(4.6 * len(lams), 5.4), squeeze=False)
+    most = max((r["per_sample"]["evaluations"] for r in rows if r.get("per_sample")), default=1.0)
+    markers = dict(
+        zip(("nabla", "nabla_no_rejection", "nabla_metropolis", "langevin", "langevin_noise_only", "dula"), "s^vDdx")
+    )
+    for axis, lam in zip(axes[0], lams):
+        chain = sorted(
+            (by_key[(m, lam)]["per_sample"]["evaluations"], by_key[(m, lam)]["tv_rho_mean"])
+            for m in {r["method"] for r in rows}
+            if (m, lam) in by_key and (m == "mcmc" or m.startswith(MCMC_PREFIX)) and by_key[(m, lam)].get("per_sample")
+        )  # fmt: skip
+        if chain:
+            axis.plot(*zip(*chain), "g-o", label="DMALA sampler (mcmc), by step count")
+        for method, marker in markers.items():
+            row = by_key.get((method, lam))
+            if row and row.get("per_sample"):
+                point = (row["per_sample"]["evaluations"], row["tv_rho_mean"])
+                axis.plot(*point, marker, ms=8, label=method_label(method, row))
+        for method, style in (("pi_ref", "k--"), ("rl_k1_rloo", "k:")):
+            row = by_key.get((method, lam))
+            if row:
+                axis.axhline(row["tv_rho_mean"], linestyle=style[1:], color=style[0], lw=1, label=method_label(method))
+        floor = next((r for r in rows if r["lam"] == lam and r.get("floor_rho")), None)
+        if floor:
+            mean = sum(v[0] for v in floor["floor_rho"].values()) / len(floor["floor_rho"])
+            spread = sum(v[1] for v in floor["floor_rho"].values()) / len(floor["floor_rho"])
+            axis.axhspan(
+                mean - spread, mean + spread, color="grey", alpha=0.3, label=f"noise floor ({floor['samples']} draws)"
+            )
+        axis.set_xscale("symlog", linthresh=1)
+        axis.set_xlim(0, 2.0 * most)
+        axis.set_yscale("log")
+        axis.set_ylim(3e-3, 1)
+        axis.set_title(f"λ = {lam:g}")
+        axis.set_xlabel("objective evaluations per response (symlog)")
+    axes[0][0].set_ylabel("TV to ρ*  (mean over prompts, log)")
+    handles: dict[str, Any] = {}
+    for axis in axes[0]:
+        for handle, name in zip(*axis.get_legend_handles_labels()):
+            handles.setdefault(name, handle)
+    figure.legend(handles.values(), handles.keys(), loc="lower center", ncol=3, fontsize=7, frameon=False)
+    figure.tight_layout(rect=(0, 0.16, 1, 1))
+    path = folder / "duality_tv_cost.png"
+    figure.savefig(path, dpi=130)
+    plt.close(figure)
+    return path
 
 
 def duality(
@@ -435,25 +717,34 @@ def duality(
     docs: str = "docs/results",
     threads: int = 1,
 ) -> list[dict[str, Any]]:
-    """Measure how close RL fine-tuning, ∇-Reasoner and Langevin DTO get to ρ* on the enumerable world.
+    """Measure how close RL fine-tuning, ∇-Reasoner, Langevin DTO and the DMALA sampler get to ρ* on the
+    enumerable world.
 
     Args:
-        settings: λ values, sample counts, the world, RL and DTO settings.
-        folder: where rows (``duality.jsonl``, resumable) and the saved world go.
-        docs: where ``duality_table.md``, ``duality_tv.png`` and ``duality_rl_curves.png`` are written.
+        settings: λ values, sample counts, the world, RL, DTO and sampler settings.
+        folder: where rows (``duality.jsonl``, resumable), ``duality.json`` (``tv[method][λ]``,
+            ``noise_floor[λ]``, ...) and the saved world go.
+        docs: where ``duality_table.md`` (TV and E[r]; acceptance, evaluations and calls per response),
+            ``duality_tv.png``, ``duality_rl_curves.png`` and ``duality_tv_cost.png`` are written.
         threads: torch CPU threads (tiny models run fastest on one).
     """
     from nabla.rl.train import quiet_lightning
 
     torch.set_num_threads(threads)
     quiet_lightning()
-    unknown = set(settings.methods) - set(METHODS)
+    unknown = sorted(m for m in settings.methods if not known_method(m))
     if unknown:
-        raise ConfigurationError(f"unknown methods {sorted(unknown)}; choose from {', '.join(METHODS)}")
+        raise ConfigurationError(
+            f"unknown methods {unknown}; choose from {', '.join(METHODS)}, mcmc@<steps> or {SWEEPS_PREFIX}<sweeps>"
+        )
     rows = run_duality(settings, Path(folder))
+    summary = duality_summary(rows, noise_floors(settings, Path(folder)))
+    (Path(folder) / "duality.json").write_text(json.dumps(summary, indent=2))
     docs_folder = Path(docs)
     docs_folder.mkdir(parents=True, exist_ok=True)
-    (docs_folder / "duality_table.md").write_text(duality_table(rows))
+    costs = cost_table(rows)
+    tables = duality_table(rows) + ("\nPer response (sampled methods):\n\n" + costs if costs else "")
+    (docs_folder / "duality_table.md").write_text(tables)
     duality_plots(rows, docs_folder)
-    print(duality_table(rows))
+    print(tables)
     return rows

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from nabla.cost import CostMeter
-from nabla.errors import ConfigurationError
+from nabla.errors import ConfigurationError, require_finite
 from nabla.optimizer import DTOObjective, ObjectiveValue
 from nabla.policy import LMPrefix, Policy
 from nabla.reward import RewardModel
@@ -43,6 +43,8 @@ class LangevinDTO:
         steps: Langevin steps.
         step_size: η; the noise standard deviation per step is ``√(2η)``.
         noise: add the Gaussian term (``False``: plain straight-through gradient descent, for ablation).
+        drift: take the gradient step (``False``: noise alone and the argmax read-out, no objective evaluation;
+            the ablation that shows how much of the chain's output the gradient decides).
         temperature: τ of the straight-through softmax.
     """
 
@@ -51,8 +53,10 @@ class LangevinDTO:
     step_size: float = 0.01
     noise: bool = True
     temperature: float = 1.0
+    drift: bool = True
 
     def __post_init__(self) -> None:
+        require_finite(self)
         if self.lam < 0 or self.steps < 1 or not self.step_size > 0 or not self.temperature > 0:
             raise ConfigurationError("LangevinDTO needs lam >= 0, steps >= 1, step_size > 0 and temperature > 0")
 
@@ -115,6 +119,10 @@ def langevin_sample(
     for _ in range(settings.steps):
         tokens = forward_tokens(z, first_argmax, anchors)
         response = cut_after_end(tokens.tolist(), eos)
+        if not settings.drift:
+            noise = torch.randn(z.shape, generator=generator) if noise_scale else torch.zeros_like(z)
+            z = z + noise_scale * noise
+            continue
         if cached is None or cached[0] != response:
             cached = (response, objective.evaluate(torch.tensor(response, device=policy.device)))
             result.evaluations += 1
