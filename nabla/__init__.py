@@ -32,8 +32,10 @@ if TYPE_CHECKING:
     from nabla.mcmc import MCMCResult, MCMCSampler, MCMCSettings
     from nabla.optimizer import DTOObjective, LatentOptimizer
     from nabla.policy import Policy, Rollout
+    from nabla.prm import LikelihoodProcessReward, ProcessRewardModel
     from nabla.reward import CallableReward, RewardModel, SequenceClassifierReward, TransformerReward
     from nabla.sampler import Sampler, SamplingConfig, TokenSelection
+    from nabla.scheduling import PromptPool
     from nabla.trainer import FitResult, TestTimeTrainer
 
 __version__ = "0.1.0"
@@ -56,6 +58,7 @@ _EXPORTS: dict[str, str] = {
     "HFEngine": "nabla.engines",
     "InvalidRewardError": "nabla.errors",
     "LatentOptimizer": "nabla.optimizer",
+    "LikelihoodProcessReward": "nabla.prm",
     "LoggerCallback": "nabla.callbacks",
     "MCMCResult": "nabla.mcmc",
     "MCMCSampler": "nabla.mcmc",
@@ -65,8 +68,10 @@ _EXPORTS: dict[str, str] = {
     "NonFiniteRewardError": "nabla.errors",
     "OpenAIEngine": "nabla.engines",
     "Policy": "nabla.policy",
+    "ProcessRewardModel": "nabla.prm",
     "ProgressBar": "nabla.callbacks",
     "PromptError": "nabla.errors",
+    "PromptPool": "nabla.scheduling",
     "RewardModel": "nabla.reward",
     "RewardNotDifferentiableError": "nabla.errors",
     "RolloutEngine": "nabla.engines",
@@ -98,6 +103,7 @@ __all__ = [  # the same names as _EXPORTS, spelled out for linters and type chec
     "HFEngine",
     "InvalidRewardError",
     "LatentOptimizer",
+    "LikelihoodProcessReward",
     "LoggerCallback",
     "MCMCResult",
     "MCMCSampler",
@@ -107,8 +113,10 @@ __all__ = [  # the same names as _EXPORTS, spelled out for linters and type chec
     "NonFiniteRewardError",
     "OpenAIEngine",
     "Policy",
+    "ProcessRewardModel",
     "ProgressBar",
     "PromptError",
+    "PromptPool",
     "RewardModel",
     "RewardNotDifferentiableError",
     "Rollout",

@@ -22,7 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train-reward": ("nabla.rewardtrain.pipeline:train_reward", "train, evaluate and export the default reward model"),
     "rl": ("nabla.rl.train:finetune", "KL-regularised RL fine-tuning of a LoRA adapter (Lightning; CPU, GPU or DDP)"),
     "rl-vs-testtime": ("nabla.rl.compare:rl_vs_testtime", "RL fine-tuning vs ∇-Reasoner, arithmetic world"),
-    "duality": ("nabla.worlds.enumerable.duality:duality", "measure RL, ∇-Reasoner and Langevin DTO against exact ρ*"),
+    "duality": ("nabla.worlds.enumerable.command:duality", "measure RL, ∇-Reasoner and Langevin DTO against exact ρ*"),
     "arithmetic": ("nabla.worlds.arithmetic.pipeline:arithmetic", "arithmetic world: train both models and compare"),
     "recipes": ("nabla.recipebook:recipes", "list the recipes shipped with nabla (`--config <name>` runs one)"),
 }

@@ -98,6 +98,9 @@ class RewardSpec:
         allow_special_tokens_in_prompt: as for the policy: encode control tokens written in a prompt as such.
         aggregation: a process reward model's rule for turning step scores into one reward (``last``, ``min``,
             ``prod``, ``mean``; ``null``: the one it was saved with).
+        process_reward: ``likelihood``: read the causal LM ``name_or_path`` (``default``: the default policy) as a
+            likelihood process reward model (:class:`nabla.prm.LikelihoodProcessReward`), whatever its config says.
+        step_separator: the text that ends a step of a process reward model (``null``: the one it was saved with).
     """
 
     kind: Literal["classifier", "self_judge", "none"] = "classifier"
@@ -110,9 +113,15 @@ class RewardSpec:
     allow_untrained_head: bool = False
     allow_special_tokens_in_prompt: bool = False
     aggregation: Literal["last", "min", "prod", "mean"] | None = None
+    process_reward: Literal["likelihood"] | None = None
+    step_separator: str | None = None
 
     def __post_init__(self) -> None:
         require_finite(self)
+        if self.process_reward not in (None, "likelihood"):
+            raise ConfigurationError(f"reward.process_reward must be likelihood or null (got {self.process_reward!r})")
+        if self.step_separator == "":
+            raise ConfigurationError("reward.step_separator is empty; give the text that ends a step, or null")
         if self.aggregation is not None and self.aggregation not in ("last", "min", "prod", "mean"):
             raise ConfigurationError(f"reward.aggregation must be last, min, prod or mean (got {self.aggregation!r})")
         if not 0.0 <= self.min_vocab_coverage <= 1.0:
@@ -135,9 +144,16 @@ class RewardSpec:
         from nabla.defaults import resolve_reward
         from nabla.reward import RewardModel
 
-        path, adapter = resolve_reward(self.name_or_path, self.adapter)
+        if self.process_reward is None:
+            path, adapter = resolve_reward(self.name_or_path, self.adapter)
+        else:
+            path, adapter = self.name_or_path, self.adapter
+        steps = {"step_separator": self.step_separator} if self.step_separator is not None else {}
+        if self.process_reward is not None:
+            steps["process_reward"] = self.process_reward
         return RewardModel.from_pretrained(
             path,
+            **steps,
             aggregation=self.aggregation,
             dtype=self.dtype,
             device=self.device,

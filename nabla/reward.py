@@ -102,10 +102,13 @@ class RewardModel(ABC):
     def from_pretrained(name_or_path: str, **kwargs: Any) -> SequenceClassifierReward:
         """Load a saved reward model: a process reward model (:func:`nabla.prm.process_reward_class` says which)
         or a one-label sequence classifier as a :class:`SequenceClassifierReward`. ``default`` is the embedded
-        trained reward model (offline)."""
-        from nabla.defaults import resolve_reward
-        from nabla.prm import process_reward_class
+        trained reward model (offline); with ``process_reward="likelihood"`` any causal LM (``default``: the
+        default policy) is read as a :class:`~nabla.prm.LikelihoodProcessReward`."""
+        from nabla.defaults import resolve_policy, resolve_reward
+        from nabla.prm import LikelihoodProcessReward, process_reward_class
 
+        if kwargs.pop("process_reward", None) == "likelihood":  # any causal LM read as a likelihood PRM
+            return LikelihoodProcessReward.from_pretrained(resolve_policy(name_or_path), **kwargs)
         name_or_path, kwargs["adapter"] = resolve_reward(name_or_path, kwargs.get("adapter"))
         process = process_reward_class(name_or_path, kwargs.get("adapter"))
         if process is not None:

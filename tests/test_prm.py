@@ -200,3 +200,29 @@ def test_an_outcome_reward_model_refuses_step_settings(saved_models):
     assert process_reward_class(str(reward_dir)) is None
     with pytest.raises(Exception, match="aggregation applies to process reward models"):
         RewardModel.from_pretrained(str(reward_dir), aggregation="min")
+
+
+@pytest.mark.slow
+def test_the_default_model_read_as_a_likelihood_prm_scores_and_differentiates():
+    """``process_reward: likelihood`` on the default SmolLM2: soft = hard at one-hots under every aggregation, and
+    the loop runs on it (offline; the embedded model is untrained as a PRM, so no claim on its ordering)."""
+    from nabla.config import PolicySpec, RewardSpec
+
+    policy = PolicySpec(name_or_path="default").load()
+    prm = RewardSpec(name_or_path="default", process_reward="likelihood", step_separator="\n").load(policy)
+    assert isinstance(prm, LikelihoodProcessReward) and prm.step_separator == "\n"
+    prm.bind(policy)
+    prompt, committed = "What is 7 * 8 - 5?", policy.tokenizer("7 * 8 = 56.\n", add_special_tokens=False)["input_ids"]
+    lookahead = policy.tokenizer("56 - 5 = 51.\nSo \\boxed{51}.", add_special_tokens=False)["input_ids"]
+    ids = committed + lookahead
+    for aggregation in AGGREGATIONS:
+        prm.aggregation = aggregation
+        hard = float(prm.score([prompt], [policy.decode(ids)], [ids])[0])
+        y = torch.nn.functional.one_hot(torch.tensor(lookahead), prm.alignment.index.shape[0]).float()
+        y.requires_grad_(True)
+        soft = prm.score_soft(y, prm.context(prompt, committed, use_cache=True))
+        assert float(soft.detach()) == pytest.approx(hard, abs=1e-3)
+        assert torch.isfinite(torch.autograd.grad(soft, y)[0]).all()
+    trainer = TestTimeTrainer(policy, prm, LatentOptimizer(steps=2), Sampler(max_rollouts=2, max_new_tokens=24))
+    result = trainer.fit(prompt, seed=0)
+    assert math.isfinite(result.reward)

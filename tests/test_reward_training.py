@@ -144,6 +144,7 @@ def test_selection_metrics_against_hand_computed_values():
     labels = [[True, False, False], [False, False, True]]
     metrics = selection_metrics(scores, labels, greedy=[False, True], bootstrap=200)
     assert metrics["auc"] == pytest.approx(0.75)
+    assert (metrics["pairwise_accuracy"], metrics["pairs"]) == (pytest.approx(0.75), 4)  # 2/2 and 1/2 pairs
     assert metrics["auc_within_problem_mean"] == pytest.approx(0.75)
     assert metrics["best_of_n_accuracy"] == pytest.approx(0.5)
     assert metrics["random_sample_accuracy"] == pytest.approx(1 / 3)

@@ -7,7 +7,6 @@ the responses of a problem together), so a pairwise loss sees every pair of a pr
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from nabla import jsonio
 from nabla.errors import DataError
 from nabla.eval.grading import is_correct
 from nabla.reward import TransformerReward
@@ -68,13 +68,13 @@ def grade_samples(folder: Path, problem_ids: Sequence[str] | None = None) -> dic
         graded.append(result)
     with (folder / GRADED_FILE).open("w", encoding="utf-8") as handle:
         for record in graded:
-            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+            handle.write(jsonio.dumps(record, ensure_ascii=False) + "\n")
     summary = grading_summary(graded, skipped)
     summary["by_source"] = {
         source: grading_summary([r for r in graded if r["source"] == source])
         for source in sorted({r["source"] for r in graded})
     }
-    (folder / GRADING_FILE).write_text(json.dumps(summary, indent=2))
+    (folder / GRADING_FILE).write_text(jsonio.dumps(summary, indent=2))
     return summary
 
 

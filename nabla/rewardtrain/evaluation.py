@@ -1,4 +1,5 @@
-"""Held-out evaluation of a trained reward model: AUC of its scores against the verifier's labels, and the
+"""Held-out evaluation of a trained reward model: how it orders right above wrong answers to the same problem
+(pairwise accuracy), AUC of its scores against the verifier's labels, and the
 accuracy of best-of-N selection by its scores against a random sample, the greedy response and the oracle.
 
 The adapter is reloaded exactly as it will be used (``SequenceClassifierReward.from_pretrained(backbone,
@@ -17,6 +18,7 @@ import torch
 from torchmetrics.functional.classification import binary_auroc
 
 from nabla.config import PolicySpec
+from nabla.eval.reward_metrics import pairwise_accuracy
 from nabla.reward import RewardModel
 from nabla.rewardtrain.data import read_graded
 from nabla.rewardtrain.sampling import SampleSettings, StageProgress
@@ -48,7 +50,8 @@ def selection_metrics(
     bootstrap: int = 2000,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """AUC (pooled over responses, and the mean within problems), best-of-N accuracy against a random single
+    """Within-problem pairwise accuracy (:func:`nabla.eval.reward_metrics.pairwise_accuracy`), AUC (pooled over
+    responses, and the mean within problems), best-of-N accuracy against a random single
     sample (its expectation: the mean per-problem fraction correct), greedy and pass@N, with a bootstrap
     95% interval (over problems) of the lift over a random sample."""
     flat_scores = torch.tensor([s for row in scores for s in row], dtype=torch.float32)
@@ -58,8 +61,11 @@ def selection_metrics(
     best = [bool(row_labels[max(range(len(row)), key=row.__getitem__)]) for row, row_labels in zip(scores, labels)]
     single = [sum(row) / len(row) for row in labels]
     n = len(labels)
+    pairwise, pairs = pairwise_accuracy(scores, labels)
     metrics: dict[str, Any] = {
         "problems": n,
+        "pairwise_accuracy": pairwise,
+        "pairs": pairs,
         "responses": len(flat_labels),
         "correct_responses": int(flat_labels.sum()),
         "auc": float(binary_auroc(flat_scores, flat_labels)) if 0 < flat_labels.sum() < len(flat_labels) else None,
@@ -143,6 +149,7 @@ def print_metrics(metrics: dict[str, Any]) -> None:
     for name in models:
         table.add_column(name.replace("_", " "), justify="right")
     rows = [
+        ("pairwise_accuracy", "same-problem pairs ordered"),
         ("auc", "AUC (pooled)"),
         ("auc_within_problem_mean", "AUC within a problem (mean)"),
         ("best_of_n_accuracy", "best-of-N accuracy"),

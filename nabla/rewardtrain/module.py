@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from nabla import jsonio
 from nabla.errors import DataError
 from nabla.rewardtrain.data import Example, RewardDataModule, build_groups, read_graded
 from nabla.rewardtrain.settings import ADAPTER_FOLDER, LoraSettings, TrainSettings
@@ -234,7 +235,7 @@ class RewardModule(L.LightningModule):
         config_path = folder / "adapter_config.json"
         config = json.loads(config_path.read_text())
         config["base_model_name_or_path"] = base_name  # not this machine's cache path
-        config_path.write_text(json.dumps(config, indent=2, sort_keys=True))
+        config_path.write_text(jsonio.dumps(config, indent=2, sort_keys=True))
         return folder
 
 
@@ -320,5 +321,5 @@ def train(
     """Train, then save the adapter to ``folder/adapter`` and the summary to ``folder/training.json``."""
     module, _, summary = fit_reward_model(folder, backbone, lora, training, seed, progress, policy_path)
     module.save_adapter(folder / ADAPTER_FOLDER, base_name or backbone)
-    (folder / TRAINING_FILE).write_text(json.dumps(summary, indent=2))
+    (folder / TRAINING_FILE).write_text(jsonio.dumps(summary, indent=2))
     return summary

@@ -14,13 +14,11 @@ alone (``--stages [train,evaluate,export]`` retrains on the cached samples witho
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
-
+from nabla import jsonio
 from nabla.config import PolicySpec
 from nabla.errors import ConfigurationError, DataError
 from nabla.rewardtrain.sampling import SampleSettings
@@ -71,6 +69,8 @@ def train_reward(
     if threads is not None:
         if threads < 1:
             raise ConfigurationError(f"threads must be >= 1 or null (got {threads})")
+        import torch
+
         torch.set_num_threads(threads)
     folder = Path(work_dir)
     outcome: dict[str, Any] = {"work_dir": str(folder)}
@@ -142,7 +142,7 @@ def run_evaluation(
     from nabla.rewardtrain.evaluation import evaluate_adapter, print_metrics
 
     metrics = evaluate_adapter(folder, backbone_path(backbone, policy), policy, data, compare_self_judge, progress)
-    (folder / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
+    (folder / METRICS_FILE).write_text(jsonio.dumps(metrics, indent=2))
     print_metrics(metrics)
     return metrics
 

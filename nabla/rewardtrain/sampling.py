@@ -21,8 +21,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from nabla import jsonio
+from nabla._typing import TYPE_CHECKING
 from nabla.errors import ConfigurationError, DataError, require_finite
 from nabla.eval.datasets import (
     DATASETS,
@@ -33,11 +33,13 @@ from nabla.eval.datasets import (
     load_dataset,
     require_training_split,
 )
-from nabla.policy import Policy
 from nabla.rewardtrain.wordproblems import NAME as GENERATED
 from nabla.rewardtrain.wordproblems import SPLIT as GENERATED_SPLIT
 from nabla.rewardtrain.wordproblems import one_step_problems
 from nabla.sampler import SamplingConfig
+
+if TYPE_CHECKING:  # torch and transformers are imported where they are used (a fast `--help`)
+    from nabla.policy import Policy
 
 #: A prompt that asks for the answer without asking for reasoning: the 135M default policy answers it briefly.
 SHORT_PROMPT_TEMPLATE = "{question} Put the final answer in \\boxed{}."
@@ -209,7 +211,7 @@ def check_meta(folder: Path, meta: dict[str, Any]) -> None:
             )
         return
     folder.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(meta, indent=2))
+    path.write_text(jsonio.dumps(meta, indent=2))
 
 
 def sampling_meta(settings: SampleSettings, policy_name: str, seed: int) -> dict[str, Any]:
@@ -291,6 +293,8 @@ def _sample_into(
     progress: bool,
 ) -> int:
     """``per_problem`` responses of each problem not yet in ``path``, one record per problem as it completes."""
+    import torch
+
     from nabla.eval.runner import RecordWriter
 
     done = {record["id"] for record in read_jsonl(path)}

@@ -11,13 +11,12 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
-from torch import Tensor
-
+from nabla._typing import TYPE_CHECKING
 from nabla.errors import ConfigurationError
+from nabla.rl.settings import AdvantageKind
 
-AdvantageKind = Literal["grpo", "rloo"]
+if TYPE_CHECKING:
+    from torch import Tensor
 
 
 def _check_groups(rewards: Tensor) -> None:

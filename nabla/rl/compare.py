@@ -24,17 +24,15 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
-
-from nabla.baselines import derive_seed
+from nabla import jsonio
+from nabla._typing import TYPE_CHECKING
 from nabla.errors import ConfigurationError, ModelNotFoundError
 from nabla.optimizer import LatentOptimizer
-from nabla.policy import Policy
-from nabla.reward import CallableReward, RewardModel, SequenceClassifierReward
-from nabla.rl.kl import kl_k3
-from nabla.rl.module import LoRASettings, RLConfig, padding_id, response_log_probs
-from nabla.rl.train import RLTrainerSettings, train_rl
+from nabla.rl.settings import LoRASettings, RLConfig, RLTrainerSettings
 from nabla.sampler import Sampler, SamplingConfig
+
+if TYPE_CHECKING:  # torch and the models are imported where they are used (a fast `--help`)
+    from nabla.reward import RewardModel
 
 COST_KEYS = ("model_calls", "flops", "wall_time_s")
 
@@ -104,8 +102,10 @@ def forget_other_world(folder: Path, fingerprint: str) -> None:
 
 
 def _reward(world: Any, source: str, answers: dict[str, int]) -> RewardModel:
-    if source == "model":
-        return SequenceClassifierReward.from_pretrained(str(world.reward_dir))
+    from nabla.reward import CallableReward, RewardModel
+
+    if source == "model":  # the world's reward model, whichever kind it is (a PRM by default)
+        return RewardModel.from_pretrained(str(world.reward_dir))
     if source == "verifier":
         from nabla.worlds.arithmetic.task import is_correct
 
@@ -126,6 +126,9 @@ def train_stage(world: Any, stage: RLStage, lam: float, folder: Path) -> dict[st
             return record
         shutil.rmtree(folder / "eval_rl", ignore_errors=True)
         shutil.rmtree(folder / "rl", ignore_errors=True)
+    from nabla.policy import Policy
+    from nabla.rl.train import train_rl
+
     problems = generate(world.task, stage.train_prompts, seed=world.seed * 1000 + 101, exclude=world.splits.held_out())
     answers = {p.question: p.answer for p in problems}
     policy = Policy.from_pretrained(str(world.policy_dir))
@@ -152,17 +155,22 @@ def train_stage(world: Any, stage: RLStage, lam: float, folder: Path) -> dict[st
         "session_wall_s": time.perf_counter() - started,
         "final_metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
     }
-    record_path.write_text(json.dumps(record, indent=2))
+    record_path.write_text(jsonio.dumps(record, indent=2))
     return record
 
 
-@torch.no_grad()
 def kl_to_base(
     policy_dir: Path, adapter: Path, prompts: list[str], samples: int, max_new_tokens: int, seed: int
 ) -> dict[str, float]:
     """``KL(π_RL ‖ π_base)`` per response at temperature 1: k1 and k3 averaged over ``samples`` draws of π_RL per
     prompt; the base is the same model with the adapter disabled."""
+    import torch
     from peft import PeftModel
+
+    from nabla.baselines import derive_seed
+    from nabla.policy import Policy
+    from nabla.rl.kl import kl_k3
+    from nabla.rl.module import padding_id, response_log_probs
 
     policy = Policy.from_pretrained(str(policy_dir))
     tuned = PeftModel.from_pretrained(policy.model, str(adapter))
@@ -171,11 +179,12 @@ def kl_to_base(
     for index, prompt in enumerate(prompts):
         contexts = [policy.encode(prompt)] * samples
         generators = [torch.Generator().manual_seed(derive_seed(seed, "kl", index, j)) for j in range(samples)]
-        responses = [r.token_ids for r in policy.generate(contexts, unit, generators, max_new_tokens)]
         pad = padding_id(policy)
-        rl = response_log_probs(tuned, contexts, responses, pad)
-        with tuned.disable_adapter():
-            base = response_log_probs(tuned, contexts, responses, pad)
+        with torch.no_grad():
+            responses = [r.token_ids for r in policy.generate(contexts, unit, generators, max_new_tokens)]
+            rl = response_log_probs(tuned, contexts, responses, pad)
+            with tuned.disable_adapter():
+                base = response_log_probs(tuned, contexts, responses, pad)
         k1_values += (rl.sequence() - base.sequence()).tolist()
         k3_values += ((kl_k3(rl.log_probs, base.log_probs) * rl.mask).sum(-1)).tolist()
     count = len(k1_values)
@@ -272,7 +281,7 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
         twin.legend(fontsize=7, loc="upper center")
     finite = [r["break_even"]["flops"] for r in rows if r["break_even"] and math.isfinite(r["break_even"]["flops"])]
     horizon = max([*finite, 100.0]) * 3
-    prompts = torch.logspace(0, math.log10(horizon), 200).tolist()
+    prompts = [10 ** (math.log10(horizon) * i / 199) for i in range(200)]
     for row, label in zip(rows, labels):
         if row["policy"] == "base" and row["method"].startswith("sampling"):
             continue
@@ -335,6 +344,8 @@ def rl_vs_testtime(
     from nabla.worlds.arithmetic.pipeline import QUESTION_TEMPLATE
 
     if threads:
+        import torch
+
         torch.set_num_threads(threads)
     folder = Path(output)
     folder.mkdir(parents=True, exist_ok=True)
@@ -396,7 +407,7 @@ def rl_vs_testtime(
         "world": json.loads(world_report.read_text()) if world_report.is_file() else None,
         "world_fingerprint": world_fingerprint(arithmetic_world),
     }
-    (folder / "report.json").write_text(json.dumps(report, indent=2))
+    (folder / "report.json").write_text(jsonio.dumps(report, indent=2))
     docs_folder = Path(docs)
     docs_folder.mkdir(parents=True, exist_ok=True)
     table = markdown_table(rows, heading)

@@ -3,84 +3,28 @@
 from __future__ import annotations
 
 import importlib
-import json
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import lightning as L
-
+from nabla import jsonio
+from nabla._typing import TYPE_CHECKING
 from nabla.config import PolicySpec, RewardSpec
 from nabla.errors import ConfigurationError
-from nabla.policy import Policy
-from nabla.reward import CallableReward, RewardModel
-from nabla.rl.data import PromptDataModule, read_prompts
-from nabla.rl.module import KLRegularizedRL, LoRASettings, RLConfig
+from nabla.rl.settings import LoRASettings, RLConfig, RLTrainerSettings
 
+if TYPE_CHECKING:  # torch, transformers and Lightning are imported where they are used (a fast `--help`)
+    import lightning as L
 
-@dataclass
-class RLTrainerSettings:
-    """The ``lightning.Trainer`` of an RL run.
-
-    Args:
-        max_steps: optimiser steps (one per batch of prompts).
-        accelerator, devices, strategy: as in ``lightning.Trainer`` (``devices: 2, strategy: ddp`` runs two
-            processes; on CPU they use the gloo backend).
-        default_root_dir: where logs and checkpoints go.
-        checkpoint_every_n_steps: save an adapter-only checkpoint (and ``last.ckpt``) this often; 0: never.
-        log_every_n_steps: logging interval.
-        progress: show a rich progress bar.
-    """
-
-    max_steps: int = 200
-    accelerator: str = "cpu"
-    devices: int = 1
-    strategy: str = "auto"
-    default_root_dir: str = "runs/rl"
-    checkpoint_every_n_steps: int = 50
-    log_every_n_steps: int = 10
-    progress: bool = True
-
-    def build(self, callbacks: Sequence[L.Callback] = ()) -> L.Trainer:
-        from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
-        from lightning.pytorch.loggers import CSVLogger
-
-        if self.max_steps < 1:
-            raise ConfigurationError(f"max_steps must be >= 1 (got {self.max_steps})")
-        callbacks = list(callbacks)
-        if self.checkpoint_every_n_steps:
-            callbacks.append(
-                ModelCheckpoint(
-                    dirpath=Path(self.default_root_dir) / "checkpoints",
-                    filename="step{step}",
-                    auto_insert_metric_name=False,
-                    every_n_train_steps=self.checkpoint_every_n_steps,
-                    save_top_k=-1,
-                    save_last=True,
-                )
-            )
-        if self.progress:
-            callbacks.append(RichProgressBar())
-        return L.Trainer(
-            max_steps=self.max_steps,
-            accelerator=self.accelerator,
-            devices=self.devices,
-            strategy=self.strategy,
-            default_root_dir=self.default_root_dir,
-            logger=CSVLogger(self.default_root_dir, name="logs"),
-            log_every_n_steps=self.log_every_n_steps,
-            enable_checkpointing=bool(self.checkpoint_every_n_steps),
-            enable_progress_bar=self.progress,
-            enable_model_summary=False,
-            callbacks=callbacks,
-            num_sanity_val_steps=0,
-        )
+    from nabla.policy import Policy
+    from nabla.reward import CallableReward, RewardModel
+    from nabla.rl.module import KLRegularizedRL
 
 
 def load_verifier(target: str) -> CallableReward:
     """``module:function`` → a :class:`CallableReward` (``function(prompt, response) -> float``)."""
+    from nabla.reward import CallableReward
+
     module, _, name = target.partition(":")
     try:
         function = getattr(importlib.import_module(module), name)
@@ -92,6 +36,8 @@ def load_verifier(target: str) -> CallableReward:
 def resolve_prompts(prompts: Sequence[str] | None, prompts_file: str | None) -> list[str]:
     if bool(prompts) == bool(prompts_file):
         raise ConfigurationError("pass the training prompts either as --prompts or as --prompts_file (one of them)")
+    from nabla.rl.data import read_prompts
+
     return list(prompts) if prompts else read_prompts(prompts_file)  # type: ignore[arg-type]
 
 
@@ -116,6 +62,9 @@ def train_rl(
     callbacks: Sequence[L.Callback] = (),
 ) -> tuple[KLRegularizedRL, L.Trainer]:
     """Fit the RL module; ``resume`` is a checkpoint path (or ``last``) to continue from."""
+    from nabla.rl.data import PromptDataModule
+    from nabla.rl.module import KLRegularizedRL
+
     quiet_lightning()
     module = KLRegularizedRL(policy, reward, config, lora)
     data = PromptDataModule(prompts, batch_size=batch_size, seed=config.seed)
@@ -174,7 +123,7 @@ def finetune(
     cost = module.training_cost()
     if fitted.is_global_zero:
         folder = module.save_adapter(output)
-        (folder / "training_cost.json").write_text(json.dumps(cost, indent=2))
+        (folder / "training_cost.json").write_text(jsonio.dumps(cost, indent=2))
         print(
             f"adapter written to {folder}; training cost: {cost['model_calls']:.0f} model calls, "
             f"{cost['flops']:.3g} FLOPs, {cost['wall_time_s']:.1f} s"

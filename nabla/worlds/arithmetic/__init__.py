@@ -10,7 +10,17 @@ self-consistency, best-of-N and ∇-Reasoner on held-out problems (``nabla arith
 - :mod:`~nabla.worlds.arithmetic.pipeline`: ``arithmetic(...)``, the one command.
 """
 
+from typing import Any
+
 from nabla.worlds.arithmetic.task import ArithmeticTask, Problem, Splits, extract_answer, is_correct
-from nabla.worlds.arithmetic.tokenizer import arithmetic_tokenizer
+
+
+def __getattr__(name: str) -> Any:  # the tokenizer needs transformers: imported on first use (a fast `--help`)
+    if name == "arithmetic_tokenizer":
+        from nabla.worlds.arithmetic.tokenizer import arithmetic_tokenizer
+
+        return arithmetic_tokenizer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = ["ArithmeticTask", "Problem", "Splits", "arithmetic_tokenizer", "extract_answer", "is_correct"]

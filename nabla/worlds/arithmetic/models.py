@@ -6,22 +6,38 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from transformers import (
-    LlamaConfig,
-    LlamaForCausalLM,
-    LlamaForSequenceClassification,
-    LlamaForTokenClassification,
-    PreTrainedTokenizerBase,
-)
+from nabla._typing import TYPE_CHECKING
 
-#: the classifier class of each reward head: one score at the last token (outcome) or at every token (process)
-REWARD_CLASSES = {"sequence": LlamaForSequenceClassification, "token": LlamaForTokenClassification}
+if TYPE_CHECKING:  # transformers is imported where it is used: ModelSize loads without it (a fast `--help`)
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        LlamaForSequenceClassification,
+        LlamaForTokenClassification,
+        PreTrainedTokenizerBase,
+    )
+
+
+def reward_class(head: str) -> type[LlamaForSequenceClassification] | type[LlamaForTokenClassification]:
+    """The classifier class of a reward head: one score at the last token (``sequence``, outcome) or at every
+    token (``token``, process)."""
+    from transformers import LlamaForSequenceClassification, LlamaForTokenClassification
+
+    return {"sequence": LlamaForSequenceClassification, "token": LlamaForTokenClassification}[head]
 
 
 @dataclass
 class ModelSize:
-    """Size of a Llama model (defaults: 0.16M parameters, trains on one CPU core in a few minutes)."""
+    """Size of a Llama model (defaults: 0.16M parameters, trains on one CPU core in a few minutes).
+
+    Args:
+        hidden_size: width of the residual stream.
+        num_layers: decoder layers.
+        num_heads: attention heads.
+        num_kv_heads: key/value heads (fewer than ``num_heads``: grouped-query attention).
+        intermediate_size: width of the MLP.
+        max_positions: the longest sequence (prompt and response).
+    """
 
     hidden_size: int = 64
     num_layers: int = 3
@@ -31,6 +47,8 @@ class ModelSize:
     max_positions: int = 128
 
     def config(self, tokenizer: PreTrainedTokenizerBase, **extra: object) -> LlamaConfig:
+        from transformers import LlamaConfig
+
         return LlamaConfig(
             vocab_size=len(tokenizer),
             hidden_size=self.hidden_size,
@@ -49,6 +67,9 @@ class ModelSize:
 
 def new_policy(tokenizer: PreTrainedTokenizerBase, size: ModelSize, seed: int) -> LlamaForCausalLM:
     """A freshly initialised causal LM (weights drawn from ``seed``)."""
+    import torch
+    from transformers import LlamaForCausalLM
+
     torch.manual_seed(seed)
     return LlamaForCausalLM(size.config(tokenizer))
 
@@ -67,6 +88,9 @@ def reward_from_policy(
     ``LlamaForTokenClassification``, a process reward model's head); ``config_extra`` goes into its config
     (e.g. a PRM's ``step_separator``).
     """
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     torch.manual_seed(seed)
     source = LlamaForCausalLM.from_pretrained(str(policy_dir), dtype=torch.float32)
     config = LlamaConfig.from_dict(source.config.to_dict())
@@ -74,7 +98,7 @@ def reward_from_policy(
     config.num_labels = 1
     for key, value in config_extra.items():
         setattr(config, key, value)
-    model_class = REWARD_CLASSES[head]
+    model_class = reward_class(head)
     config.architectures = [model_class.__name__]
     model = model_class(config)
     missing, unexpected = model.model.load_state_dict(source.model.state_dict(), strict=False)
@@ -89,5 +113,7 @@ def new_reward(
 ) -> LlamaForSequenceClassification | LlamaForTokenClassification:
     """A freshly initialised one-label classifier (for a reward model trained from scratch); ``head`` and
     ``config_extra`` as in :func:`reward_from_policy`."""
+    import torch
+
     torch.manual_seed(seed)
-    return REWARD_CLASSES[head](size.config(tokenizer, num_labels=1, **config_extra))
+    return reward_class(head)(size.config(tokenizer, num_labels=1, **config_extra))

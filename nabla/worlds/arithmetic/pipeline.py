@@ -26,13 +26,12 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
-
+from nabla import jsonio
+from nabla.acceleration import Acceleration
 from nabla.errors import ConfigurationError, DataError, require_finite
 from nabla.mcmc import MCMCSettings
 from nabla.optimizer import LatentOptimizer
 from nabla.sampler import Sampler, SamplingConfig
-from nabla.trainer import Acceleration
 from nabla.worlds.arithmetic.models import ModelSize
 from nabla.worlds.arithmetic.process import CORRUPTION_KINDS
 from nabla.worlds.arithmetic.task import ArithmeticTask, Problem, Splits, SplitSizes, read_jsonl, write_jsonl
@@ -47,7 +46,17 @@ QUESTION_TEMPLATE = "{question}"  # the prompt is the question itself: the polic
 @dataclass
 class PolicyTraining:
     """Supervised training of the policy on gold chains of thought (one pass over ``steps * batch_size`` fresh
-    problems). Fewer steps leave more mistakes: the default aims at a greedy accuracy between 30% and 70%."""
+    problems). Fewer steps leave more mistakes: the default aims at a greedy accuracy between 30% and 70%.
+
+    Args:
+        size: the model's size.
+        steps: optimiser steps.
+        batch_size: problems per step.
+        lr: peak learning rate (AdamW; linear warm-up, then cosine).
+        weight_decay: AdamW's weight decay.
+        warmup_fraction: share of the steps spent warming up.
+        val_every: steps between dev-set measurements.
+    """
 
     size: ModelSize = field(default_factory=ModelSize)
     steps: int = 400
@@ -102,10 +111,17 @@ class RewardTraining:
             synthetic process supervision and graded policy samples), ``classifier`` (a token-classification PRM
             on the same data) or ``outcome`` (a sequence classifier on graded policy samples).
         process: the synthetic process supervision (``likelihood`` / ``classifier``).
-        steps, batch_size: optimiser steps and rows per batch of the process reward models.
+        steps: optimiser steps of the process reward models.
+        batch_size: rows per batch of the process reward models.
         aggregation: how a PRM turns step scores into one reward (``last``, ``min``, ``prod``, ``mean``).
         init: ``policy`` starts from the trained policy's body (a new score head and ``extra_layers`` new decoder
             layers on top); ``scratch`` from random weights of ``size`` (``classifier`` / ``outcome``).
+        extra_layers: new decoder layers put on the policy's body (``init: policy``, ``classifier`` / ``outcome``).
+        size: the model's size with ``init: scratch``.
+        epochs: passes over the graded samples (``outcome``).
+        lr: peak learning rate (AdamW; linear warm-up, then cosine).
+        weight_decay: AdamW's weight decay.
+        warmup_fraction: share of the steps spent warming up.
         samples_per_problem: policy samples per ``reward_train`` / ``reward_val`` problem.
         sampling: how those samples are drawn.
         loss: ``pairwise`` (Bradley-Terry within each problem), ``pointwise`` (binary cross-entropy) or ``both``.
@@ -116,7 +132,8 @@ class RewardTraining:
             of thought (fresh problems, never a held-out one) and start the reward model from that stronger body, as
             reward models usually start from a stronger language model than the policy they judge. The policy is
             left as it is. 0: start from the policy itself. The body is saved in ``output/reward_lm`` and reused.
-        pretrain_lr, pretrain_batch_size: its learning rate and batch size.
+        pretrain_lr: the learning rate of that pre-training.
+        pretrain_batch_size: its batch size.
         label: the outcome label: ``outcome`` (exact grading of the final answer) or ``chain`` (the response is
             the gold chain of thought, every step graded exactly; see :class:`RewardExamples`).
         body_lr_scale: with ``init: policy``, the embeddings and the layers taken from the language model learn at
@@ -188,6 +205,7 @@ class Comparison:
         off_distribution: a harder task than the models were trained on (``null``: none), whose problems (never a
             held-out question) are solved at ``sweep_budget`` as well (``output/compare_off``).
         off_distribution_problems: how many of them.
+        folder: the main comparison's subfolder of the output.
         enabled: run the comparison at all (``false``: train the models only).
         extra_methods: more methods of the main comparison, as ``name@n`` labels: ``nabla_metropolis@8``
             (∇-Reasoner with the Metropolis acceptance, budget 8), ``mcmc@16`` (the DMALA sampler of ρ*, 16 steps).
@@ -302,7 +320,7 @@ class World:
             if not world.problems_path(name).is_file():
                 write_jsonl(getattr(splits, name), world.problems_path(name))
         folder.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(settings, indent=2))
+        path.write_text(jsonio.dumps(settings, indent=2))
         return world
 
     def problems(self, split: str) -> list[Problem]:
@@ -418,7 +436,7 @@ def train_policy(world: World, settings: PolicyTraining, progress: bool = True) 
         "training_s": training_s,
         "wall_time_s": time.perf_counter() - started,
     }
-    (world.policy_dir / TRAINING_FILE).write_text(json.dumps(record, indent=2))
+    (world.policy_dir / TRAINING_FILE).write_text(jsonio.dumps(record, indent=2))
     return record
 
 
@@ -466,6 +484,7 @@ def train_reward_body(
     record = _load_training(folder)
     if record is not None and record["settings"] == json.loads(json.dumps(config)):
         return folder
+    import torch
     from transformers import AutoTokenizer, LlamaForCausalLM
 
     started = time.perf_counter()
@@ -492,7 +511,7 @@ def train_reward_body(
     _save_atomically(folder, save)
     metrics = {key: float(value) for key, value in trainer.callback_metrics.items()}
     record = {"settings": config, "metrics": metrics, "training_s": time.perf_counter() - started}
-    (folder / TRAINING_FILE).write_text(json.dumps(record, indent=2))
+    (folder / TRAINING_FILE).write_text(jsonio.dumps(record, indent=2))
     return folder
 
 
@@ -711,6 +730,8 @@ def arithmetic(
     """
     started = time.perf_counter()
     if threads:
+        import torch
+
         torch.set_num_threads(threads)
     world = World.prepare(Path(output), task, splits, seed)
     report: dict[str, Any] = {"output": output, "seed": seed}
@@ -750,7 +771,7 @@ def arithmetic(
         report["oracle_comparison"] = [s.to_dict() for s in run_oracle_comparison(world, comparison, progress)]
         report["oracle_stage_s"] = time.perf_counter() - stage
     report["total_s"] = time.perf_counter() - started
-    (world.folder / REPORT_FILE).write_text(json.dumps(report, indent=2))
+    (world.folder / REPORT_FILE).write_text(jsonio.dumps(report, indent=2))
     _print_report(report)
     return report
 

@@ -17,6 +17,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from nabla import jsonio
 from nabla.errors import ConfigurationError, DataError, require_finite
 
 QUESTION_SUFFIX = "=?"
@@ -144,7 +145,14 @@ def stream(task: ArithmeticTask, seed: int, exclude: Iterable[str] = ()) -> Iter
 
 @dataclass
 class SplitSizes:
-    """How many problems each held-out split has (``test`` is for the comparison only)."""
+    """How many problems each held-out split has.
+
+    Args:
+        test: problems of the comparison (only there).
+        dev: problems that measure the policy during training.
+        reward_train: problems whose policy samples train the reward model.
+        reward_val: problems whose policy samples measure it (pairwise accuracy, AUC, best-of-N).
+    """
 
     test: int = 400
     dev: int = 200
@@ -191,7 +199,7 @@ def write_jsonl(problems: Iterable[Problem], path: str | Path) -> Path:
     with path.open("w") as handle:
         for p in problems:
             record = {"id": p.id, "problem": p.question, "answer": str(p.answer), "solution": p.solution}
-            handle.write(json.dumps(record) + "\n")
+            handle.write(jsonio.dumps(record) + "\n")
     return path
 
 

@@ -21,7 +21,6 @@ best-of-8 lift over a random sample (95% CI) and the oracle ceiling pass@8.
 
 from __future__ import annotations
 
-import json
 import random
 import time
 from collections.abc import Sequence
@@ -32,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from nabla import jsonio
 from nabla.errors import DataError
 from nabla.sampler import SamplingConfig
 from nabla.worlds.arithmetic.process import LabelledResponse, corrupt, step_labels
@@ -194,7 +194,7 @@ def train_reward(
         "training_s": training_s,
         "wall_time_s": time.perf_counter() - started,
     }
-    (world.reward_dir / TRAINING_FILE).write_text(json.dumps(record, indent=2))
+    (world.reward_dir / TRAINING_FILE).write_text(jsonio.dumps(record, indent=2))
     return record
 
 
@@ -299,7 +299,7 @@ def _write_samples(path: Path, splits: dict[str, Sequence[Sample]]) -> None:
     with path.open("w") as handle:
         for split, samples in splits.items():
             for s in samples:
-                handle.write(json.dumps({"split": split, **asdict(s)}) + "\n")
+                handle.write(jsonio.dumps({"split": split, **asdict(s)}) + "\n")
 
 
 # ---------------------------------------------------------------------- judging

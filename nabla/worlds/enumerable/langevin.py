@@ -27,38 +27,11 @@ import torch
 from torch import Tensor
 
 from nabla.cost import CostMeter
-from nabla.errors import ConfigurationError, require_finite
 from nabla.optimizer import DTOObjective, ObjectiveValue
 from nabla.policy import LMPrefix, Policy
 from nabla.reward import RewardModel
 from nabla.sampler import SamplingConfig
-
-
-@dataclass
-class LangevinDTO:
-    """Settings of Langevin DTO.
-
-    Args:
-        lam: λ of ``L = -λ r - log π``.
-        steps: Langevin steps.
-        step_size: η; the noise standard deviation per step is ``√(2η)``.
-        noise: add the Gaussian term (``False``: plain straight-through gradient descent, for ablation).
-        drift: take the gradient step (``False``: noise alone and the argmax read-out, no objective evaluation;
-            the ablation that shows how much of the chain's output the gradient decides).
-        temperature: τ of the straight-through softmax.
-    """
-
-    lam: float = 4.0
-    steps: int = 50
-    step_size: float = 0.01
-    noise: bool = True
-    temperature: float = 1.0
-    drift: bool = True
-
-    def __post_init__(self) -> None:
-        require_finite(self)
-        if self.lam < 0 or self.steps < 1 or not self.step_size > 0 or not self.temperature > 0:
-            raise ConfigurationError("LangevinDTO needs lam >= 0, steps >= 1, step_size > 0 and temperature > 0")
+from nabla.worlds.enumerable.command import LangevinDTO
 
 
 @dataclass
