@@ -67,6 +67,8 @@ def main() -> None:
     same = 0
     moves: Counter[str] = Counter()
     proposals: Counter[str] = Counter()
+    tested: Counter[int] = Counter()  # problems by the number of proposals the loop tested
+    wrong_tested: Counter[int] = Counter()  # the same, for the problems it answered wrong
     ordered = pairs = 0
     for problem in problems:
         seen.clear()
@@ -80,6 +82,9 @@ def main() -> None:
         end_right = right(result.token_ids)
         same += recorded.get(problem.id) == result.text
         moves[f"{'right' if start_right else 'wrong'}→{'right' if end_right else 'wrong'}"] += 1
+        tested[len(seen)] += 1
+        if not end_right:
+            wrong_tested[len(seen)] += 1
         for current, proposal, accepted, current_reward, proposal_reward in seen:
             before, after = right(current), right(proposal)
             kind = f"{'right' if before else 'wrong'}→{'right' if after else 'wrong'}"
@@ -94,6 +99,8 @@ def main() -> None:
         "start_right": sum(v for k, v in moves.items() if k.startswith("right")) / len(problems),
         "answer_moves": dict(moves),
         "proposals": dict(proposals),
+        "problems_by_proposals_tested": dict(sorted(tested.items())),
+        "wrong_answers_by_proposals_tested": dict(sorted(wrong_tested.items())),
         "proposal_pairs_with_one_right": pairs,
         "proposal_pairs_ordered": ordered / pairs if pairs else None,
     }
