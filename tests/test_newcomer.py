@@ -329,8 +329,8 @@ def spy(name, *args, **kwargs):
 
 builtins.__import__ = spy
 import json
-from nabla.cli import main
-for command in ("fit", "evaluate", "compare", "recipes", "arithmetic", "rl", "rl-vs-testtime", "duality", "train-reward"):
+from nabla.cli import COMMANDS, main
+for command in COMMANDS:
     try:
         main([command, "--help"])
     except SystemExit:
