@@ -348,3 +348,18 @@ def test_reward_body_is_the_policy_trained_further_and_is_reused(tiny_world):
     started = time.perf_counter()
     assert train_reward_body(world, settings, policy_record, progress=False) == folder
     assert time.perf_counter() - started < 1.0
+
+
+def test_comparison_extra_methods_are_parsed_checked_and_run_at_their_own_budget():
+    from nabla.worlds.arithmetic.pipeline import Comparison, comparison_methods
+
+    comparison = Comparison(budgets=[1, 8], baselines=["best_of_n"], extra_methods=["nabla_metropolis@8", "mcmc@4"])
+    methods = comparison_methods(comparison, max_new_tokens=32)
+    labels = [m.display_label for m in methods]
+    assert labels[-2:] == ["nabla_metropolis@8", "mcmc@4"]
+    assert methods[-2].nabla_sampler().acceptance == "metropolis" and methods[-1].mcmc_settings().steps == 4
+    sweep = comparison_methods(comparison, 32, budgets=[8], suffix=" T=1")  # extras only in the main comparison
+    assert not any(m.name in ("mcmc", "nabla_metropolis") for m in sweep)
+    for bad in ("mcmc", "mcmc@0", "greedy@8"):
+        with pytest.raises(ConfigurationError, match="extra_methods"):
+            Comparison(extra_methods=[bad])
