@@ -370,6 +370,10 @@ def _trainer(max_steps: int, max_epochs: int | None, val_every: int | None, fold
     from lightning.pytorch.callbacks import RichProgressBar
     from lightning.pytorch.loggers import CSVLogger
 
+    from nabla.rl.train import quiet_lightning
+
+    quiet_lightning()  # Lightning's notices that do not apply here
+
     return L.Trainer(
         accelerator="cpu",
         devices=1,
