@@ -45,7 +45,7 @@ RL_METHODS = {
     "rl_k3_grpo": ("loss", "grpo"),
 }
 #: The ``mcmc`` row's step count: the fewest of those measured with TV within 1.5x of the noise floor at every λ
-#: (docs/duality.md, "The DMALA sampler").
+#: (docs/duality.md, "Results": 20 steps is not enough at λ = 16).
 RECOMMENDED_STEPS = 60
 NABLA_METHODS = ("nabla", "nabla_no_rejection", "nabla_metropolis")
 METHODS = (
@@ -69,7 +69,7 @@ EXACT_LOOP = {"nabla_exact": "reward", "nabla_no_rejection_exact": "always", "na
 SWEEPS_PREFIX = "nabla_metropolis_exact@"
 
 
-def _count_suffix(method: str, prefix: str) -> int | None:
+def count_suffix(method: str, prefix: str) -> int | None:
     rest = method[len(prefix) :] if method.startswith(prefix) else ""
     return int(rest) if rest.isdigit() else None
 
@@ -78,19 +78,19 @@ def mcmc_steps(method: str, settings: DualitySettings) -> int | None:
     """The step count of an MCMC row (``mcmc``: the settings' own, ``mcmc@N``: N); ``None`` for other methods."""
     if method in ("mcmc", "dula"):
         return settings.mcmc.steps
-    return _count_suffix(method, MCMC_PREFIX)
+    return count_suffix(method, MCMC_PREFIX)
 
 
 def loop_sweeps(method: str) -> tuple[str, int] | None:
     """The acceptance rule and number of sweeps of an exact-loop row; ``None`` for other methods."""
     if method in EXACT_LOOP:
         return EXACT_LOOP[method], 1
-    sweeps = _count_suffix(method, SWEEPS_PREFIX)
+    sweeps = count_suffix(method, SWEEPS_PREFIX)
     return ("metropolis", sweeps) if sweeps else None
 
 
 def known_method(method: str) -> bool:
-    return method in METHODS or _count_suffix(method, MCMC_PREFIX) is not None or loop_sweeps(method) is not None
+    return method in METHODS or count_suffix(method, MCMC_PREFIX) is not None or loop_sweeps(method) is not None
 
 
 @dataclass

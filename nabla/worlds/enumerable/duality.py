@@ -54,7 +54,7 @@ from nabla.worlds.enumerable.command import (
     SWEEPS_PREFIX,
     DualitySettings,
     LangevinDTO,
-    _count_suffix,
+    count_suffix,
     loop_sweeps,
     mcmc_steps,
 )
@@ -66,9 +66,9 @@ from nabla.worlds.enumerable.world import EnumerableWorld, build_world, load_wor
 def method_order(method: str) -> tuple[int, int]:
     """Table and legend order: :data:`METHODS`, the ``mcmc@N`` rows by N just before ``mcmc``, the
     ``nabla_metropolis_exact@N`` rows by N after ``nabla_metropolis_exact``."""
-    if (steps := _count_suffix(method, MCMC_PREFIX)) is not None:
+    if (steps := count_suffix(method, MCMC_PREFIX)) is not None:
         return METHODS.index("mcmc"), steps - 10**9
-    if (sweeps := _count_suffix(method, SWEEPS_PREFIX)) is not None:
+    if (sweeps := count_suffix(method, SWEEPS_PREFIX)) is not None:
         return METHODS.index("nabla_metropolis_exact"), sweeps
     return METHODS.index(method), 0
 
