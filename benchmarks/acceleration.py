@@ -22,25 +22,12 @@ import time
 from pathlib import Path
 
 import torch
+from common import load_prompts
 from rich.console import Console
 from rich.table import Table
 
 OUTSIDE_ROLLOUTS = ("lm_forward", "lm_backward", "rm_forward", "rm_backward", "selector", "prefill")
 MODES = ("accelerated", "reference", "batched", "best_of_8")
-
-
-def load_prompts(dataset: str, count: int, template: str | None = None) -> list[str]:
-    if dataset.startswith("tiny"):
-        words = ["what is 2 plus 3 ?", "what is 7 minus 2 ?", "apples and pears so we get the total ?"]
-        return [words[i % len(words)] + " " + str(i % 20) for i in range(count)]
-    from nabla.eval.datasets import format_question, load_dataset, load_jsonl
-
-    if dataset.startswith("jsonl:"):
-        problems = load_jsonl(dataset.split(":", 1)[1])[:count]
-    else:
-        name, split = dataset.split(":")
-        problems = load_dataset(name, split, limit=count)
-    return [format_question(p.question, template) if template else format_question(p.question) for p in problems]
 
 
 def build(args: argparse.Namespace):

@@ -1,4 +1,4 @@
-"""Shared set-up of the benchmarks: models (the default SmolLM2 or the tiny ones) and timing."""
+"""Shared set-up of the benchmarks: prompts, models (the default SmolLM2 or the tiny ones) and timing."""
 
 from __future__ import annotations
 
@@ -9,6 +9,24 @@ from contextlib import contextmanager
 import torch
 
 from nabla import Policy, SequenceClassifierReward
+
+#: the tiny tokenizer's words, for prompts the tiny models can read
+TINY_WORDS = ["what is 2 plus 3 ?", "what is 7 minus 2 ?", "apples and pears so we get the total ?"]
+
+
+def load_prompts(dataset: str, count: int, template: str | None = None) -> list[str]:
+    """``tiny``: short prompts in the tiny tokenizer's words; ``name:split`` or ``jsonl:PATH``: problems formatted
+    with the evaluation's prompt template (or ``template``)."""
+    if dataset.startswith("tiny"):
+        return [f"{TINY_WORDS[i % len(TINY_WORDS)]} {i % 20}" for i in range(count)]
+    from nabla.eval.datasets import format_question, load_dataset, load_jsonl
+
+    if dataset.startswith("jsonl:"):
+        problems = load_jsonl(dataset.split(":", 1)[1])[:count]
+    else:
+        name, split = dataset.split(":")
+        problems = load_dataset(name, split, limit=count)
+    return [format_question(p.question, template) if template else format_question(p.question) for p in problems]
 
 
 def load_models(model: str) -> tuple[Policy, SequenceClassifierReward]:

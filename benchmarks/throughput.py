@@ -31,26 +31,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from common import load_prompts
+
 MODES = ("nabla", "nabla_pool", "best_of_8", "best_of_8_pool", "engines")
-TINY_WORDS = ["what is 2 plus 3 ?", "what is 7 minus 2 ?", "apples and pears so we get the total ?"]
 
 
 # ---------------------------------------------------------------------------------------------- set-up
-def load_prompts(dataset: str, count: int, template: str | None = None) -> list[str]:
-    """``tiny``: short prompts in the tiny tokenizer's words; ``name:split`` or ``jsonl:PATH``: problems formatted
-    with the evaluation's prompt template (or ``template``)."""
-    if dataset == "tiny":
-        return [f"{TINY_WORDS[i % len(TINY_WORDS)]} {i % 20}" for i in range(count)]
-    from nabla.eval.datasets import format_question, load_dataset, load_jsonl
-
-    if dataset.startswith("jsonl:"):
-        problems = load_jsonl(dataset.split(":", 1)[1])[:count]
-    else:
-        name, split = dataset.split(":")
-        problems = load_dataset(name, split, limit=count)
-    return [format_question(p.question, template) if template else format_question(p.question) for p in problems]
-
-
 def engine_spec(args: argparse.Namespace, kind: str | None = None):
     from nabla.engines import EngineSpec
 

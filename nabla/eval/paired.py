@@ -9,12 +9,12 @@ on the difference in accuracy.
 from __future__ import annotations
 
 import math
-import random
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from nabla.errors import DataError
+from nabla.eval.reward_metrics import bootstrap_mean_ci
 
 
 @dataclass(frozen=True)
@@ -55,9 +55,8 @@ def paired_comparison(
         raise DataError(f"{names[0]} and {names[1]} share no problem; run both on the same problems")
     pairs = [(bool(a[p]), bool(b[p])) for p in shared]
     differences = [int(x) - int(y) for x, y in pairs]
-    rng = random.Random(seed)
     count = len(pairs)
-    boot = sorted(sum(differences[rng.randrange(count)] for _ in range(count)) / count for _ in range(rounds))
+    low, high = bootstrap_mean_ci(differences, rounds, seed)
     only_a = sum(x and not y for x, y in pairs)
     only_b = sum(y and not x for x, y in pairs)
     return PairedResult(
@@ -67,7 +66,7 @@ def paired_comparison(
         accuracy_a=sum(x for x, _ in pairs) / count,
         accuracy_b=sum(y for _, y in pairs) / count,
         difference=sum(differences) / count,
-        difference_ci95=(boot[int(0.025 * rounds)], boot[int(0.975 * rounds) - 1]),
+        difference_ci95=(low, high),
         only_a=only_a,
         only_b=only_b,
         mcnemar_p=mcnemar_exact(only_a, only_b),

@@ -9,7 +9,6 @@ policy's token ids, so the figures describe the shipped artifact, not the traini
 
 from __future__ import annotations
 
-import random
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ import torch
 from torchmetrics.functional.classification import binary_auroc
 
 from nabla.config import PolicySpec
-from nabla.eval.reward_metrics import pairwise_accuracy
+from nabla.eval.reward_metrics import bootstrap_mean_ci, pairwise_accuracy
 from nabla.reward import RewardModel
 from nabla.rewardtrain.data import read_graded
 from nabla.rewardtrain.sampling import SampleSettings, StageProgress
@@ -77,23 +76,12 @@ def selection_metrics(
         "samples_per_problem": max(len(row) for row in labels),
     }
     metrics["lift_over_random"] = metrics["best_of_n_accuracy"] - metrics["random_sample_accuracy"]
-    metrics["lift_over_random_ci95"] = _bootstrap_lift(best, single, bootstrap, seed)
+    metrics["lift_over_random_ci95"] = bootstrap_mean_ci([b - s for b, s in zip(best, single)], bootstrap, seed)
     known = [g for g in (greedy or []) if g is not None]
     if greedy is not None and len(known) == n:
         metrics["greedy_accuracy"] = sum(known) / n
         metrics["lift_over_greedy"] = metrics["best_of_n_accuracy"] - metrics["greedy_accuracy"]
     return metrics
-
-
-def _bootstrap_lift(best: Sequence[bool], single: Sequence[float], rounds: int, seed: int) -> list[float]:
-    rng = random.Random(seed)
-    n = len(best)
-    lifts = []
-    for _ in range(rounds):
-        picks = [rng.randrange(n) for _ in range(n)]
-        lifts.append(sum(best[i] - single[i] for i in picks) / n)
-    lifts.sort()
-    return [lifts[int(0.025 * rounds)], lifts[int(0.975 * rounds) - 1]]
 
 
 def evaluate_adapter(
