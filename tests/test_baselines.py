@@ -90,3 +90,15 @@ def test_weighted_majority_follows_the_reward(policy):
     result = Baselines(policy, judge, sampling=HOT, max_new_tokens=10).weighted_majority(PROMPT, n=6, seed=5)
     assert result.answer == samples[answered[-1]].answer
     assert result.stats["rm_forward"] == 6
+
+
+@pytest.mark.parametrize("top_p", [0.3, 0.9, 0.95, 0.999])
+def test_top_p_from_the_top_candidates_keeps_exactly_what_a_full_sort_keeps(top_p):
+    from nabla.sampler import nucleus
+
+    generator = torch.Generator().manual_seed(0)
+    for scale in (0.05, 0.5, 3.0, 10.0):  # from a flat distribution (the nucleus outgrows the candidates) to a peak
+        probs = torch.softmax(torch.randn(6, 5000, generator=generator, dtype=torch.float64) * scale, -1)
+        ordered, order = torch.sort(probs, dim=-1, descending=True)
+        expected = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, order, ordered.cumsum(-1) - ordered < top_p)
+        assert torch.equal(nucleus(probs, top_p, candidates=16), expected)
