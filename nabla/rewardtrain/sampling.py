@@ -214,13 +214,16 @@ def check_meta(folder: Path, meta: dict[str, Any]) -> None:
     path.write_text(jsonio.dumps(meta, indent=2))
 
 
-def sampling_meta(settings: SampleSettings, policy_name: str, seed: int) -> dict[str, Any]:
+def sampling_meta(
+    settings: SampleSettings, policy_name: str, seed: int, demonstrations: Sequence[Sequence[str]] = ()
+) -> dict[str, Any]:
     """What determines the samples of a problem. Which problems are drawn does not (a run with more problems or
     other sources reuses the samples already there; grading takes the selected problems only)."""
     meta = asdict(settings)
     for key in ("datasets", "problems", "exclude_evaluation_overlap", "problems_per_batch", "greedy_heldout"):
         meta.pop(key)
-    return {"policy": policy_name, "seed": seed, **meta}
+    extra = {"demonstrations": [list(pair) for pair in demonstrations]} if demonstrations else {}
+    return {"policy": policy_name, "seed": seed, **meta, **extra}
 
 
 def _batches(items: Sequence[Problem], size: int) -> Iterator[list[Problem]]:
