@@ -95,6 +95,14 @@ def test_summarize_combines_accuracy_samples_reward_and_costs():
     assert summary.mean_cost["model_calls"] == pytest.approx(20 + 1 + 2)  # derived from the parts
 
 
+def test_summarize_reports_how_final_responses_end():
+    endings = [("eos", "so 3 + 4 = 7. \\boxed{7}"), ("length", "so 3 + 4 = 7 and then"), ("eos", "The answer is 7.")]
+    records = [{**_record("greedy", True, None), "finish_reason": f, "response": text} for f, text in endings]
+    summary = summarize(records)
+    assert summary.cut_off_rate == pytest.approx(1 / 3) and summary.boxed_rate == pytest.approx(1 / 3)
+    assert summarize([_record("greedy", True, None)]).cut_off_rate is None  # records without responses
+
+
 def test_summarize_reports_the_rejection_rate_over_all_proposals():
     records = [
         _record("nabla@4", True, 0.5, proposals=3, rejections=1),

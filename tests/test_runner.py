@@ -78,6 +78,12 @@ def test_compare_writes_records_table_and_plot(reference):
     assert all(f"| {s.method} |" in table for s in summaries)
     assert (output / "comparison.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads((output / "summary.json").read_text())[0]["method"] == "greedy"
+    paired = (output / "paired.md").read_text()  # by default ∇-Reasoner against every other method
+    assert [line.split(" | ")[:2] for line in paired.splitlines()[4:]] == [
+        ["| nabla@2", "greedy"],
+        ["| nabla@2", "self_consistency@3"],
+        ["| nabla@2", "best_of_n@3"],
+    ]
 
 
 def test_two_processes_give_the_same_records_as_one(setup, reference):

@@ -31,6 +31,7 @@ from torchmetrics.aggregation import MeanMetric
 
 from nabla.baselines import majority_vote
 from nabla.cost import CALL_KINDS, EVENT_KINDS, CostMeter
+from nabla.eval.grading import last_boxed
 
 
 def wilson_interval(successes: float, trials: float, confidence: float = 0.95) -> tuple[float, float]:
@@ -133,7 +134,9 @@ class MethodSummary:
 
     Accuracy is over the ``graded`` problems. ``skipped`` ones were not graded: their gold answer does not parse,
     or the policy could not read the question; ``failed`` ones hit a NaN, infinite or non-numeric reward.
-    ``skip_reasons`` gives the reason of each skipped or failed problem by id."""
+    ``skip_reasons`` gives the reason of each skipped or failed problem by id. ``cut_off_rate``: share of the
+    final responses stopped by the length limit; ``boxed_rate``: share with a ``\\boxed{}`` answer, where the
+    prompt asks for it (the rest are graded on a fallback such as the last number)."""
 
     method: str
     method_name: str
@@ -152,6 +155,8 @@ class MethodSummary:
     total_cost: dict[str, float] = field(default_factory=dict)
     failed: int = 0
     skip_reasons: dict[str, str] = field(default_factory=dict)
+    cut_off_rate: float | None = None
+    boxed_rate: float | None = None
 
     @property
     def rejection_rate(self) -> float:
@@ -224,4 +229,15 @@ def summarize(records: Sequence[dict[str, Any]]) -> MethodSummary:
         total_cost=totals,
         failed=failed,
         skip_reasons={r["problem_id"]: f"{r['status']}: {r['error']}" for r in unsolved},
+        **_response_shape([r for r in records if r.get("status", "ok") == "ok" and "response" in r]),
     )
+
+
+def _response_shape(records: Sequence[dict[str, Any]]) -> dict[str, float | None]:
+    """How the final responses end: cut off by the length limit, and with a boxed answer."""
+    if not records:
+        return {"cut_off_rate": None, "boxed_rate": None}
+    return {
+        "cut_off_rate": sum(r.get("finish_reason") == "length" for r in records) / len(records),
+        "boxed_rate": sum(last_boxed(r["response"] or "") is not None for r in records) / len(records),
+    }

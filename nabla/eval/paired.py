@@ -11,10 +11,14 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from nabla.errors import DataError
 from nabla.eval.reward_metrics import bootstrap_mean_ci
+
+#: The table of paired tests written beside a comparison's records.
+PAIRED_FILE = "paired.md"
 
 
 @dataclass(frozen=True)
@@ -85,3 +89,28 @@ def paired_from_records(
         return {str(r["problem_id"]): bool(r["correct"]) for r in rows}
 
     return paired_comparison(correct(a), correct(b), (a, b), rounds, seed)
+
+
+def paired_tests(folder: Path, pairs: Sequence[Sequence[str]], title: str) -> list[dict[str, Any]]:
+    """Paired tests of the method pairs ``(a, b)`` on the records in ``folder`` (pairs naming a method the records
+    lack are skipped), written as a table to ``folder/paired.md`` and returned."""
+    from nabla.eval.runner import read_records
+
+    records = read_records(folder)
+    labels = {r["method"] for r in records}
+    results = [paired_from_records(records, a, b).to_dict() for a, b in pairs if a in labels and b in labels]
+    lines = [
+        f"## Paired tests · {title}",
+        "",
+        "| A | B | problems | accuracy A | accuracy B | A − B [95% CI] | only A | only B | exact McNemar p |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        low, high = r["difference_ci95"]
+        lines.append(
+            f"| {r['a']} | {r['b']} | {r['problems']} | {r['accuracy_a']:.1%} | {r['accuracy_b']:.1%} | "
+            f"{r['difference']:+.1%} [{low:+.1%}, {high:+.1%}] | {r['only_a']} | {r['only_b']} | "
+            f"{r['mcnemar_p']:.3g} |"
+        )
+    (folder / PAIRED_FILE).write_text("\n".join(lines) + "\n")
+    return results

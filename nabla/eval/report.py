@@ -119,6 +119,13 @@ def write_markdown(summaries: Sequence[MethodSummary], path: str | Path, title: 
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     note = unsolved_note(summaries)
     lines += ["", LEGEND + (f" {note}." if note else "")]
+    shapes = [
+        f"{s.method} {s.cut_off_rate:.0%} / {s.boxed_rate:.0%}"
+        for s in summaries
+        if s.cut_off_rate is not None and s.boxed_rate is not None
+    ]
+    if shapes:
+        lines += ["", "Final responses cut off by the length limit / with a boxed answer: " + ", ".join(shapes) + "."]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")

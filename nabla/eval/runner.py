@@ -460,6 +460,7 @@ def compare(
     title: str | None = None,
     problems: list[Problem] | None = None,
     pool: int = 1,
+    paired: list[tuple[str, str]] | None = None,
 ) -> list[MethodSummary]:
     """Run several methods on the same problems; print and write a side-by-side table and an accuracy-vs-cost plot.
 
@@ -481,7 +482,11 @@ def compare(
         pool: problems decoded at once per process (continuous batching: their rollouts, proposals and DTO
             passes share batches, a finished problem's slot refilled at once); the records are the same for any
             pool, only their order in the files changes.
+        paired: method pairs ``[a, b]`` (labels as in the table, e.g. ``[nabla@8, best_of_n@8]``) to compare problem
+            by problem: exact McNemar test and a paired bootstrap 95% interval of ``a - b``, in ``paired.md``
+            (default: ∇-Reasoner against every other method of the run).
     """
+    from nabla.eval.paired import paired_tests
     from nabla.eval.report import plot_comparison, print_summaries, write_markdown
 
     methods = methods if methods is not None else default_methods()
@@ -494,7 +499,20 @@ def compare(
     print_summaries(summaries, title=heading)
     write_markdown(summaries, plan.folder / "comparison.md", title=heading)
     plot_comparison(summaries, plan.folder / "comparison.png", title=heading)
+    pairs = paired if paired is not None else default_pairs([summary.method for summary in summaries])
+    for result in paired_tests(plan.folder, pairs, heading):
+        low, high = result["difference_ci95"]
+        print(
+            f"{result['a']} - {result['b']}: {result['difference']:+.1%} [{low:+.1%}, {high:+.1%}] on "
+            f"{result['problems']} problems, exact McNemar p = {result['mcnemar_p']:.3g}"
+        )
     return summaries
+
+
+def default_pairs(labels: list[str]) -> list[tuple[str, str]]:
+    """Each ∇-Reasoner method of a run against each method that is not one."""
+    ours = [label for label in labels if label.startswith("nabla")]
+    return [(a, b) for a in ours for b in labels if not b.startswith("nabla")]
 
 
 def _sliced(problems: list[Problem] | None, limit: int | None, offset: int) -> list[Problem] | None:

@@ -638,31 +638,6 @@ def _compare(world: World, comparison: Comparison, path: Path, methods: list, fo
     )
 
 
-def paired_tests(folder: Path, pairs: list[list[str]], title: str) -> list[dict[str, Any]]:
-    """``comparison.paired`` on the records in ``folder``: written to ``folder/paired.md`` and returned."""
-    from nabla.eval.paired import paired_from_records
-    from nabla.eval.runner import read_records
-
-    records = read_records(folder)
-    labels = {r["method"] for r in records}
-    results = [paired_from_records(records, a, b).to_dict() for a, b in pairs if a in labels and b in labels]
-    lines = [
-        f"## Paired tests · {title}",
-        "",
-        "| A | B | problems | accuracy A | accuracy B | A − B [95% CI] | only A | only B | exact McNemar p |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in results:
-        low, high = r["difference_ci95"]
-        lines.append(
-            f"| {r['a']} | {r['b']} | {r['problems']} | {r['accuracy_a']:.1%} | {r['accuracy_b']:.1%} | "
-            f"{r['difference']:+.1%} [{low:+.1%}, {high:+.1%}] | {r['only_a']} | {r['only_b']} | "
-            f"{r['mcnemar_p']:.3g} |"
-        )
-    (folder / "paired.md").write_text("\n".join(lines) + "\n")
-    return results
-
-
 def run_oracle_comparison(world: World, comparison: Comparison, progress: bool = True) -> list:
     """The harness's solvers, records and reports with the exact grader as the reward (in-process: a grader is a
     Python function, not a model folder that worker processes could load)."""
@@ -743,6 +718,7 @@ def arithmetic(
     report["policy"] = train_policy(world, policy, progress)
     report["policy_stage_s"] = time.perf_counter() - stage
     stage = time.perf_counter()
+    from nabla.eval.paired import paired_tests
     from nabla.worlds.arithmetic.verifier import train_reward
 
     report["reward"] = train_reward(world, reward, report["policy"], comparison.sampling, progress)
