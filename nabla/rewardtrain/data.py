@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 
 from nabla import jsonio
 from nabla.errors import DataError
-from nabla.eval.grading import is_correct
+from nabla.eval.grading import is_correct, last_boxed
 from nabla.reward import TransformerReward
 from nabla.rewardtrain.sampling import GREEDY_FILE, SAMPLES_FILE, read_jsonl
 
@@ -96,6 +96,11 @@ def grading_summary(graded: Sequence[dict[str, Any]], skipped: int = 0) -> dict[
             "problems_with_both_labels": sum(any(row) and not all(row) for row in labels),
             "greedy_accuracy": sum(greedy) / len(greedy) if greedy else None,
             "finish_reasons": dict(finishes),
+            "boxed_fraction": (
+                sum(last_boxed(resp["text"]) is not None for r in records for resp in r["responses"]) / len(flat)
+                if flat
+                else None
+            ),
         }
     return summary
 

@@ -24,6 +24,7 @@ from torch import Tensor
 
 from nabla import jsonio
 from nabla.errors import DataError
+from nabla.rewardtrain.corruption import with_corruptions
 from nabla.rewardtrain.data import Example, RewardDataModule, build_groups, read_graded
 from nabla.rewardtrain.settings import ADAPTER_FOLDER, LoraSettings, TrainSettings
 
@@ -239,6 +240,11 @@ class RewardModule(L.LightningModule):
         return folder
 
 
+def response_ids(tokenizer: Any, text: str, ended: bool = True) -> list[int]:
+    """A response's token ids as the policy would emit them: the text, then (``ended``) the end-of-turn token."""
+    return tokenizer.encode(text, add_special_tokens=False) + ([tokenizer.eos_token_id] if ended else [])
+
+
 def fit_reward_model(
     folder: Path,
     backbone: str,
@@ -260,7 +266,13 @@ def fit_reward_model(
     classifier, tokenizer = load_classifier(backbone)
     policy_tokenizer = None if policy_path in (None, backbone) else load_pretrained(AutoTokenizer, policy_path)
     formatter = reward_formatter(classifier, tokenizer, policy_tokenizer)
-    train_records = [r for r in graded if not r["heldout"]]
+    train_records, corruptions = with_corruptions(
+        [r for r in graded if not r["heldout"]],
+        training.corruptions_per_response,
+        seed,
+        lambda text, ended: response_ids(tokenizer, text, ended),
+        training.corruption_kinds,
+    )
     heldout_records = [r for r in graded if r["heldout"]]
     train_groups, dropped = build_groups(formatter, train_records, training.dedupe, training.max_length)
     val_groups, _ = build_groups(formatter, heldout_records, training.dedupe, None)
@@ -295,6 +307,7 @@ def fit_reward_model(
         "train_problems": len(train_groups),
         "train_examples": sum(len(g) for g in train_groups),
         "train_positive_fraction": positives,
+        "corruptions": corruptions,
         "dropped_too_long": dropped,
         "heldout_problems": len(val_groups),
         "loss": training.loss,

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from nabla.errors import ConfigurationError, require_finite
+from nabla.rewardtrain.corruption import KINDS
 
 #: The folder of ``work_dir`` that holds the trained adapter and score head.
 ADAPTER_FOLDER = "adapter"
@@ -60,6 +61,11 @@ class TrainSettings:
         max_length: longest reward input in tokens; longer ones are skipped (and counted).
         cache_frozen_layers: when ``lora.layers`` leaves the lower layers without an adapter, run them once per
             input before training and train on their cached output (exact; saves their forward at every epoch).
+        corruptions_per_response: synthetic process supervision (:mod:`nabla.rewardtrain.corruption`): up to this
+            many wrong versions of every right training response, each corrupted at one step and graded wrong,
+            trained beside it in the same batch (0: the graded samples alone). Held-out problems get none.
+        corruption_kinds: which corruptions to draw from (``wrong_result``, ``wrong_operand``, ``wrong_operator``,
+            ``wrong_box``, ``truncated``).
     """
 
     loss: Literal["pointwise", "pairwise", "both"] = "pointwise"
@@ -73,9 +79,20 @@ class TrainSettings:
     dedupe: bool = True
     max_length: int = 512
     cache_frozen_layers: bool = True
+    corruptions_per_response: int = 0
+    corruption_kinds: list[str] = field(default_factory=lambda: list(KINDS))
 
     def __post_init__(self) -> None:
         require_finite(self)
+        if self.corruptions_per_response < 0:
+            raise ConfigurationError(
+                f"training.corruptions_per_response must be >= 0 (got {self.corruptions_per_response})"
+            )
+        unknown = [kind for kind in self.corruption_kinds if kind not in KINDS]
+        if unknown or (self.corruptions_per_response and not self.corruption_kinds):
+            raise ConfigurationError(
+                f"training.corruption_kinds {unknown or 'is empty'}; choose from {', '.join(KINDS)}"
+            )
         if self.loss not in ("pointwise", "pairwise", "both"):
             raise ConfigurationError(f"unknown training.loss {self.loss!r}; use pointwise, pairwise or both")
         if self.lr <= 0 or self.epochs < 1 or self.problems_per_batch < 1 or self.accumulate_grad_batches < 1:
