@@ -267,6 +267,9 @@ def test_the_shipped_reward_adapter_is_complete_small_and_measured():
     assert any("lora_A" in n for n in names) and any("score" in n for n in names)
     metrics = json.loads((SHIPPED / "metrics.json").read_text())["reward_model"]
     assert metrics["problems"] >= 20 and 0.0 <= metrics["auc"] <= 1.0
+    assert 0.0 <= metrics["pairwise_accuracy"] <= 1.0 and metrics["pairs"] > 0  # judged within problems too
+    low, high = metrics["lift_over_random_ci95"]
+    assert low <= metrics["lift_over_random"] <= high
 
 
 @pytest.mark.slow
@@ -276,9 +279,12 @@ def test_the_shipped_reward_model_loads_on_the_default_policy_and_scores():
     reward.bind(policy)
     assert isinstance(reward, SequenceClassifierReward) and reward.alignment.identical
     prompt = "Tom has 3 apples and buys 5 more. How many apples does he have now? Put the final answer in \\boxed{}."
-    responses = ["3 + 5 = 8. The answer is \\boxed{8}.", "3 + 5 = 9. The answer is \\boxed{9}."]
+    responses = [
+        "Tom has 3 + 5 = 8 apples.\nThe answer is \\boxed{8}.",
+        "Tom has 3 + 5 = 9 apples.\nThe answer is \\boxed{9}.",
+    ]
     scores = reward.score([prompt] * 2, responses)
-    assert torch.isfinite(scores).all()
+    assert torch.isfinite(scores).all() and scores[0] > scores[1]  # it verifies: the right sum scores higher
 
 
 def test_generated_word_problems_are_fixed_distinct_and_answered():
