@@ -49,10 +49,6 @@ class Corruption:
     error_at: int
 
 
-def _value(text: str) -> Fraction:
-    return Fraction(text)
-
-
 def _spell(value: Fraction) -> str | None:
     """A value as the policy writes numbers: an integer, or a short decimal; ``None`` when it is neither."""
     if value.denominator == 1:
@@ -72,10 +68,9 @@ def _apply(a: Fraction, operation: str, b: Fraction) -> Fraction | None:
     return a / b if b != 0 else None
 
 
-def _carry(text: str, start: int, old: str, new: str) -> str:
-    """``text`` with every whole-number occurrence of ``old`` from ``start`` on spelt ``new`` (the error carries on)."""
-    pattern = re.compile(rf"(?<![\d.]){re.escape(old)}(?![\d]|\.\d)")
-    return text[:start] + pattern.sub(new, text[start:])
+def _carry(text: str, old: str, new: str) -> str:
+    """``text`` with every whole-number occurrence of ``old`` spelt ``new`` (the error carries on)."""
+    return re.sub(rf"(?<![\d.]){re.escape(old)}(?![\d]|\.\d)", new, text)
 
 
 def _nearby(value: Fraction, rng: random.Random) -> Fraction:
@@ -86,11 +81,10 @@ def _nearby(value: Fraction, rng: random.Random) -> Fraction:
 
 def _with_result(text: str, match: re.Match[str], a: str, operation: str, b: str, result: str) -> str:
     """Rewrite one equation's operands, operator and result, and carry the new result on after it."""
-    old_result = match.group(4)
-    start, end = match.span()
-    gaps = re.fullmatch(rf"{_NUMBER}(\s*)[+\-*/x×÷](\s*){_NUMBER}(\s*)=(\s*){_NUMBER}", text[start:end]).groups()
-    rebuilt = f"{a}{gaps[0]}{operation}{gaps[1]}{b}{gaps[2]}={gaps[3]}{result}"
-    return text[:start] + rebuilt + _carry(text[end:], 0, old_result, result)
+    parts = (a, operation, b, result)
+    # the text between the equation's four parts (spaces, "=") is kept as the policy wrote it
+    rebuilt = "".join(part + text[match.end(i + 1) : match.start(i + 2)] for i, part in enumerate(parts[:3]))
+    return text[: match.start()] + rebuilt + result + _carry(text[match.end() :], match.group(4), result)
 
 
 def corrupt(text: str, question: str, kind: str, rng: random.Random) -> Corruption | None:
@@ -106,7 +100,7 @@ def corrupt(text: str, question: str, kind: str, rng: random.Random) -> Corrupti
         box = boxes[-1]
         old = box.group(1).strip()
         try:
-            new = _spell(_nearby(_value(old), rng))
+            new = _spell(_nearby(Fraction(old), rng))
         except (ValueError, ZeroDivisionError):
             return None
         if new is None or new == old:
@@ -124,14 +118,14 @@ def corrupt(text: str, question: str, kind: str, rng: random.Random) -> Corrupti
     match = rng.choice(equations)
     a, operation, b, result = match.groups()
     if kind == "wrong_result":
-        new = _spell(_nearby(_value(result), rng))
+        new = _spell(_nearby(Fraction(result), rng))
         if new is None or new == result:
             return None
         return Corruption(_with_result(text, match, a, operation, b, new), kind, match.start(4))
     if kind == "wrong_operand":
         others = [n for n in NUMBER.findall(question) if n not in (a, b)]
         side = rng.randrange(2)
-        replacement = rng.choice(others) if others else _spell(_nearby(_value((a, b)[side]), rng))
+        replacement = rng.choice(others) if others else _spell(_nearby(Fraction((a, b)[side]), rng))
         if replacement is None:
             return None
         a, b = (replacement, b) if side == 0 else (a, replacement)
@@ -140,7 +134,7 @@ def corrupt(text: str, question: str, kind: str, rng: random.Random) -> Corrupti
         choices = [op for op in ("+", "-", "*", "/") if op != _OPERATIONS[operation]]
         operation = rng.choice(choices)
         at = match.start(2)
-    value = _apply(_value(a), operation, _value(b))
+    value = _apply(Fraction(a), operation, Fraction(b))
     new = None if value is None or value < 0 else _spell(value)
     if new is None or new == result:
         return None
