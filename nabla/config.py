@@ -67,14 +67,6 @@ class PolicySpec:
 
         return resolve_policy(self.name_or_path)
 
-    def resolved_demonstrations(self) -> tuple[tuple[str, str], ...]:
-        """The worked examples the policy is prompted with (``null``: the model's own)."""
-        from nabla.defaults import model_demonstrations
-
-        if self.demonstrations is None:
-            return model_demonstrations(self.name_or_path)
-        return check_demonstrations(self.demonstrations)
-
     def load(self) -> Policy:
         from nabla.policy import Policy
 
@@ -86,7 +78,7 @@ class PolicySpec:
             adapter=self.adapter,
             chat_template=self.chat_template,
             system_prompt=self.system_prompt,
-            demonstrations=self.resolved_demonstrations(),
+            demonstrations=self.demonstrations,  # None: the model's own, resolved by from_pretrained
             allow_special_tokens_in_prompt=self.allow_special_tokens_in_prompt,
             engine=self.engine.build(),
         )

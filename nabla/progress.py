@@ -101,6 +101,59 @@ class Lines:
             self._print(final)
 
 
+class Counter:
+    """Progress over ``total`` items, as :func:`mode` shows it: a rich bar with ``label``, ``done/total`` and a
+    note on a terminal, a plain line every :data:`LINE_INTERVAL_S` seconds elsewhere, or nothing. A context
+    manager; :meth:`advance` counts finished items and may change the note."""
+
+    def __init__(self, label: str, total: int, done: int = 0, progress: bool | None = True, note: str = "") -> None:
+        self.label, self.total, self.done, self.note = label, total, done, note
+        self.shown = mode(progress)
+        self.started = 0.0
+        self._bar: Any = None
+        self._lines: Lines | None = None
+
+    def __enter__(self) -> Counter:
+        self.started = time.monotonic()
+        if self.shown == "lines":
+            self._lines = Lines(self.status).start()
+        elif self.shown == "bar":
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self._bar = Progress(
+                TextColumn(self.label),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[note]}"),
+                TimeElapsedColumn(),
+                console=console(),
+            )
+            self._bar.start()
+            self._task = self._bar.add_task(self.label, total=self.total, completed=self.done, note=self._shown_note())
+        return self
+
+    def _shown_note(self) -> str:
+        return f"· {self.note}" if self.note else ""
+
+    def status(self) -> str:
+        """The plain line: ``label: done/total · note · elapsed``."""
+        parts = [f"{self.label}: {self.done}/{self.total}", self.note, elapsed_since(self.started)]
+        return " · ".join(part for part in parts if part)
+
+    def advance(self, count: int = 1, note: str | None = None) -> None:
+        self.done += count
+        if note is not None:
+            self.note = note
+        if self._bar is not None:
+            self._bar.update(self._task, advance=count, note=self._shown_note())
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+        if self._lines is not None:
+            self._lines.stop()
+
+
 @contextlib.contextmanager
 def activity(message: str, progress: bool | None = True) -> Iterator[None]:
     """A transient spinner with ``message`` on a terminal, the message as one line elsewhere, or nothing."""

@@ -307,6 +307,20 @@ def test_evaluation_reports_progress_in_lines_or_not_at_all(saved_models, tmp_pa
     assert capsys.readouterr().err == ""
 
 
+def test_a_counter_without_a_terminal_prints_a_few_lines_not_one_per_item(capsys):
+    from nabla.progress import Counter
+
+    with Counter("caching", 500, done=100) as counter:
+        for _ in range(400):
+            counter.advance(note="busy")
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[0].startswith("caching: 100/500") and lines[-1].startswith("caching: 500/500 · busy")
+    assert len(lines) == 2  # the first and the last: a background log stays readable
+    with Counter("caching", 5, progress=False) as counter:
+        counter.advance(5)
+    assert capsys.readouterr().err == ""
+
+
 # ---------------------------------------------------------------------------------------------- 4. help
 #: run in a fresh interpreter: every fast command's --help, then which heavy modules got imported, and by whom
 HELP_PROBE = """

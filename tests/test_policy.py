@@ -166,7 +166,7 @@ def test_demonstrations_are_turns_before_the_prompt_and_their_text_stays_text(po
             Policy(policy.model, policy.tokenizer, demonstrations=bad)
 
 
-def test_the_embedded_policy_alone_has_a_worked_example_by_default(tmp_path):
+def test_the_embedded_policy_alone_has_a_worked_example_by_default(tmp_path, monkeypatch):
     from nabla import ConfigurationError
     from nabla.config import PolicySpec
     from nabla.defaults import DEFAULT_DEMONSTRATIONS, model_demonstrations, nabla_home
@@ -174,9 +174,13 @@ def test_the_embedded_policy_alone_has_a_worked_example_by_default(tmp_path):
     assert model_demonstrations("default") == DEFAULT_DEMONSTRATIONS
     assert model_demonstrations(str(nabla_home() / "smollm2-135m-instruct")) == DEFAULT_DEMONSTRATIONS
     assert model_demonstrations(str(tmp_path)) == ()
-    assert PolicySpec().resolved_demonstrations() == DEFAULT_DEMONSTRATIONS
-    assert PolicySpec(demonstrations=[]).resolved_demonstrations() == ()
-    assert PolicySpec(name_or_path=str(tmp_path)).resolved_demonstrations() == ()
+    from nabla.policy import Policy
+
+    passed = []  # a spec hands its setting to from_pretrained, the one place that resolves None
+    monkeypatch.setattr(Policy, "from_pretrained", classmethod(lambda cls, *a, **kw: passed.append(kw)))
+    PolicySpec(name_or_path=str(tmp_path)).load()
+    PolicySpec(name_or_path=str(tmp_path), demonstrations=[]).load()
+    assert [kw["demonstrations"] for kw in passed] == [None, []]
     user, answer = DEFAULT_DEMONSTRATIONS[0]
     assert "\\boxed{}" in user and answer.endswith("\\boxed{4}.")
     with pytest.raises(ConfigurationError, match="demonstration"):

@@ -177,6 +177,28 @@ def test_a_rerun_with_other_settings_is_refused(setup, reference):
         evaluate(**specs, method=changed, output=str(output), progress=False)
 
 
+def test_records_scored_by_a_retrained_reward_model_of_the_same_name_are_not_mixed(setup, tmp_path):
+    import shutil
+
+    from nabla.eval.runner import reward_weights_digest
+
+    _, specs = setup
+    retrained = tmp_path / "reward"
+    shutil.copytree(specs["reward"].name_or_path, retrained)
+    reward = RewardSpec(kind="classifier", name_or_path=str(retrained))
+    greedy = MethodSpec("greedy", max_new_tokens=2)
+    evaluate(**{**specs, "reward": reward}, method=greedy, output=str(tmp_path / "out"), limit=1, progress=False)
+    before = reward_weights_digest(reward)
+    weights = next(retrained.glob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # one bit of one weight: the same folder, another model
+    weights.write_bytes(bytes(data))
+    assert reward_weights_digest(reward) not in (before, None)
+    with pytest.raises(DataError, match="another reward_weights"):
+        evaluate(**{**specs, "reward": reward}, method=greedy, output=str(tmp_path / "out"), limit=1, progress=False)
+    assert reward_weights_digest(RewardSpec(kind="self_judge")) is None
+
+
 def test_bad_method_lists_are_one_line_errors(setup, tmp_path):
     _, specs = setup
     with pytest.raises(ConfigurationError, match="label"):

@@ -16,7 +16,8 @@ Records. Each rank appends one JSON line per (problem, method) to ``output/recor
 the problem is solved (flushed and fsynced). A rerun with the same ``output`` reads every records file, skips
 the (problem, method) pairs already there, and drops a half-written last line left by a kill; so an interrupted
 run resumes without redoing or duplicating work, with any number of processes. ``output/manifest.json`` holds
-the models, dataset, seed and method settings: a rerun with different ones is refused (a new method may be added).
+the models, dataset, seed and method settings, and a digest of the reward model's weights (a retrained adapter
+under the same name is another model): a rerun with different ones is refused (a new method may be added).
 Each problem's seed depends only on the run seed and the problem id, so records do not depend on sharding.
 
 Sharding. With ``num_processes > 1`` the pending problems are dealt round-robin to processes started by
@@ -153,6 +154,38 @@ def _with_defaults(stored: Any, defaults: Any) -> Any:
     return stored
 
 
+def reward_weights_digest(reward: RewardSpec) -> str | None:
+    """A digest of the reward model's local weight files (for ``default``: the embedded adapter), so that records
+    scored by a retrained model under the same name are refused, not mixed; ``None`` for a hub name or no reward
+    model. Files up to 64 MiB are read whole, larger ones by size and their first and last MiB."""
+    import hashlib
+
+    from nabla.defaults import DEFAULT, REWARD_ADAPTER
+
+    if reward.kind != "classifier":
+        return None
+    folders = [REWARD_ADAPTER if reward.name_or_path == DEFAULT and reward.adapter is None else None]
+    folders += [Path(reward.adapter) if reward.adapter else None]
+    folders += [Path(reward.name_or_path) if reward.name_or_path != DEFAULT else None]
+    digest = hashlib.sha256()
+    files = [f for folder in folders if folder and folder.is_dir() for f in sorted(folder.iterdir())]
+    weights = [f for f in files if f.suffix in (".safetensors", ".bin", ".gguf", ".pt")]
+    if not weights:
+        return None
+    mib = 1 << 20
+    for file in weights:
+        size = file.stat().st_size
+        digest.update(f"{file.name}:{size}".encode())
+        with file.open("rb") as handle:
+            if size <= 64 * mib:
+                digest.update(handle.read())
+            else:
+                digest.update(handle.read(mib))
+                handle.seek(size - mib)
+                digest.update(handle.read(mib))
+    return digest.hexdigest()[:16]
+
+
 def _check_manifest(plan: RunPlan) -> None:
     """Refuse to mix records of different settings in one folder; record new methods."""
     path = plan.folder / MANIFEST
@@ -162,6 +195,7 @@ def _check_manifest(plan: RunPlan) -> None:
             "reward": asdict(plan.reward),
             "dataset": asdict(plan.dataset),
             "seed": plan.seed,
+            "reward_weights": reward_weights_digest(plan.reward),
         }
     )
     methods = _jsonable({m.display_label: m.to_dict() for m in plan.methods})
@@ -264,65 +298,30 @@ def _solved(
 
 
 class _Progress:
-    """Progress over (problem, method) pairs of rank 0's share: a rich bar on a terminal, a plain line on stderr
-    every 20 s elsewhere, or nothing (see :mod:`nabla.progress`)."""
+    """Progress over (problem, method) pairs of rank 0's share (a :class:`nabla.progress.Counter`), with the
+    running count of right answers as its note."""
 
     def __init__(self, enabled: bool, total: int, world: int) -> None:
-        from nabla.progress import mode
+        from nabla.progress import Counter
 
-        self.shown = mode(enabled)
-        self.total, self.world = total, world
-        self.label = "evaluating" + (f" (rank 0 of {self.world})" if self.world > 1 else "")
-        self.display: Any = None
+        label = "evaluating" + (f" (rank 0 of {world})" if world > 1 else "")
+        self.counter = Counter(label, total, progress=enabled, note="loading the models")
         self.right = 0
-        self.done = 0
-        self.started = 0.0
-        self.note = "loading the models"
 
-    def __enter__(self) -> Callable[[dict[str, Any]], None]:
-        import time
-
-        from nabla import progress
-
-        self.started = time.monotonic()
-        if self.shown == "lines":
-            self.display = progress.Lines(self.status).start()
-        elif self.shown == "bar":
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-            self.display = Progress(
-                TextColumn(self.label),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("· {task.fields[note]}"),
-                TimeElapsedColumn(),
-                console=progress.console(),
-            )
-            self.display.start()
-            self.task = self.display.add_task(self.label, total=self.total, note=self.note)
+    def __enter__(self) -> Callable[[dict[str, Any] | None], None]:
+        self.counter.__enter__()
         return self.advance
-
-    def status(self) -> str:
-        from nabla.progress import elapsed_since
-
-        return f"{self.label}: {self.done}/{self.total} · {self.note} · {elapsed_since(self.started)}"
 
     def advance(self, record: dict[str, Any] | None) -> None:
         """Count a finished record (``None``: the models are loaded, solving starts)."""
         if record is None:
-            self.note = "solving the first problem"
-            if self.shown == "bar":
-                self.display.update(self.task, note=self.note)
+            self.counter.advance(0, note="solving the first problem")
             return
-        self.done += 1
         self.right += bool(record["correct"])
-        self.note = f"{record['method']} · {self.right}/{self.done} right so far"
-        if self.shown == "bar":
-            self.display.update(self.task, advance=1, note=self.note)
+        self.counter.advance(1, note=f"{record['method']} · {self.right}/{self.counter.done + 1} right so far")
 
     def __exit__(self, *exc: Any) -> None:
-        if self.shown == "lines" or self.shown == "bar":
-            self.display.stop()
+        self.counter.__exit__(*exc)
 
 
 def _fabric_shard(fabric: Any, payload: bytes) -> int:

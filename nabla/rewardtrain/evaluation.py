@@ -18,9 +18,10 @@ from torchmetrics.functional.classification import binary_auroc
 
 from nabla.config import PolicySpec
 from nabla.eval.reward_metrics import bootstrap_mean_ci, pairwise_accuracy
+from nabla.progress import Counter
 from nabla.reward import RewardModel
 from nabla.rewardtrain.data import read_graded
-from nabla.rewardtrain.sampling import SampleSettings, StageProgress
+from nabla.rewardtrain.sampling import SampleSettings
 from nabla.rewardtrain.settings import ADAPTER_FOLDER
 
 
@@ -29,7 +30,7 @@ def score_records(
 ) -> list[list[float]]:
     """The reward of every response of every record (one list per problem)."""
     scores: list[list[float]] = []
-    with StageProgress(f"{name} held-out responses", len(records), 0, progress) as bar:
+    with Counter(f"{name} held-out responses", len(records), 0, progress) as bar:
         for record in records:
             responses = record["responses"]
             values = reward.score(

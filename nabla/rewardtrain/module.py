@@ -113,14 +113,14 @@ def cache_lower_layers(
 ) -> None:
     """Store on every example the output of layers ``0 .. stop - 1`` (frozen: no adapter below ``stop``), so that
     training runs only the upper layers; computed once, in the scoring layout (left padding, positions)."""
+    from nabla.progress import Counter
     from nabla.rewardtrain.data import collate_groups
-    from nabla.rewardtrain.sampling import StageProgress
 
     body = getattr(classifier, classifier.base_model_prefix)
     was_training = classifier.training
     classifier.eval()
     try:
-        with StageProgress(f"caching layers 0-{stop - 1}", len(groups), 0, progress) as bar:
+        with Counter(f"caching layers 0-{stop - 1}", len(groups), 0, progress) as bar:
             for group in groups:
                 batch = collate_groups([group], pad_id)
                 mask = batch["attention_mask"]

@@ -33,6 +33,7 @@ from nabla.eval.datasets import (
     load_dataset,
     require_training_split,
 )
+from nabla.progress import Counter
 from nabla.rewardtrain.wordproblems import NAME as GENERATED
 from nabla.rewardtrain.wordproblems import SPLIT as GENERATED_SPLIT
 from nabla.rewardtrain.wordproblems import one_step_problems
@@ -304,7 +305,7 @@ def _sample_into(
     pending = [p for p in problems if p.id not in done]
     writer = RecordWriter(path)
     try:
-        with StageProgress(name, len(problems), len(problems) - len(pending), progress) as bar:
+        with Counter(name, len(problems), len(problems) - len(pending), progress) as bar:
             for batch in _batches(pending, problems_per_batch):
                 prompts = [settings.prompt(p, seed) for p in batch]
                 contexts = [policy.encode(prompt) for prompt in prompts for _ in range(per_problem)]
@@ -321,38 +322,3 @@ def _sample_into(
     finally:
         writer.close()
     return len(pending)
-
-
-class StageProgress:
-    """A rich progress bar over a stage's items, plus one plain log line per update when stderr is not a
-    terminal (background runs write a readable log)."""
-
-    def __init__(self, name: str, total: int, done: int, enabled: bool = True) -> None:
-        self.name, self.total, self.done, self.enabled = name, total, done, enabled
-        self.bar: Any = None
-
-    def __enter__(self) -> StageProgress:
-        if self.enabled:
-            import sys
-
-            from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-            console = Console(file=sys.stderr)
-            self.bar = Progress(
-                TextColumn(self.name), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
-            )
-            self.bar.start()
-            self.task = self.bar.add_task(self.name, total=self.total, completed=self.done)
-        return self
-
-    def advance(self, count: int = 1) -> None:
-        self.done += count
-        if self.bar is not None:
-            self.bar.update(self.task, advance=count)
-            if not self.bar.console.is_terminal:
-                self.bar.console.log(f"{self.name}: {self.done}/{self.total}")
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.bar is not None:
-            self.bar.stop()
