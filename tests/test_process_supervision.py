@@ -79,3 +79,26 @@ def test_state_labels_mark_a_mended_chain_right_again():
     lucky = "2-5=-4;-4-2=-5;\\boxed{-5}"  # two slips that cancel
     assert step_labels(problem, lucky).labels == (0.0, 0.0, 1.0)
     assert step_labels(problem, lucky, "state").labels == (0.0, 1.0, 1.0)
+
+
+def test_a_deepened_policy_starts_as_the_policy_exactly(tmp_path):
+    import torch
+
+    from nabla.worlds.arithmetic.models import ModelSize, deepened_policy, new_policy
+    from nabla.worlds.arithmetic.tokenizer import arithmetic_tokenizer
+
+    tokenizer = arithmetic_tokenizer()
+    policy = new_policy(
+        tokenizer,
+        ModelSize(hidden_size=16, num_layers=2, num_heads=2, num_kv_heads=2, intermediate_size=32, max_positions=32),
+        seed=0,
+    )
+    policy.save_pretrained(tmp_path)
+    deeper = deepened_policy(tmp_path, extra_layers=2, seed=1)
+    assert deeper.config.num_hidden_layers == 4
+    ids = torch.randint(0, len(tokenizer), (3, 10))
+    with torch.no_grad():
+        assert torch.equal(deeper(input_ids=ids).logits, policy.eval()(input_ids=ids).logits)
+    loss = deeper.train()(input_ids=ids, labels=ids).loss
+    loss.backward()  # the new layers learn: their zeroed projections get a gradient
+    assert deeper.model.layers[3].mlp.down_proj.weight.grad.abs().sum() > 0

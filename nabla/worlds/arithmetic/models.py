@@ -108,6 +108,31 @@ def reward_from_policy(
     return model
 
 
+def deepened_policy(policy_dir: str | Path, extra_layers: int, seed: int) -> LlamaForCausalLM:
+    """The trained policy with ``extra_layers`` new decoder layers on top of its own, each starting as the exact
+    identity (its attention output and MLP down projections zero, so it adds nothing to the residual stream):
+    the deeper model predicts exactly what the policy does until training moves the new layers."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    source = LlamaForCausalLM.from_pretrained(str(policy_dir), dtype=torch.float32)
+    if extra_layers == 0:
+        return source
+    config = LlamaConfig.from_dict(source.config.to_dict())
+    config.num_hidden_layers += extra_layers
+    model = LlamaForCausalLM(config)
+    missing, unexpected = model.load_state_dict(source.state_dict(), strict=False)
+    new = tuple(f"model.layers.{i}." for i in range(source.config.num_hidden_layers, config.num_hidden_layers))
+    if unexpected or not all(key.startswith(new) for key in missing):
+        raise RuntimeError(f"policy does not fit the deeper model: missing {missing}, unexpected {unexpected}")
+    with torch.no_grad():
+        for layer in model.model.layers[source.config.num_hidden_layers :]:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+    return model
+
+
 def new_reward(
     tokenizer: PreTrainedTokenizerBase, size: ModelSize, seed: int, head: str = "sequence", **config_extra: object
 ) -> LlamaForSequenceClassification | LlamaForTokenClassification:

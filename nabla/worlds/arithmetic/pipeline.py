@@ -114,9 +114,12 @@ class RewardTraining:
         steps: optimiser steps of the process reward models.
         batch_size: rows per batch of the process reward models.
         aggregation: how a PRM turns step scores into one reward (``last``, ``min``, ``prod``, ``mean``).
-        init: ``policy`` starts from the trained policy's body (a new score head and ``extra_layers`` new decoder
-            layers on top); ``scratch`` from random weights of ``size`` (``classifier`` / ``outcome``).
-        extra_layers: new decoder layers put on the policy's body (``init: policy``, ``classifier`` / ``outcome``).
+        init: ``policy`` starts from the trained policy (``likelihood``: the policy itself; ``classifier`` /
+            ``outcome``: its body with a new score head), with ``extra_layers`` new decoder layers on top;
+            ``scratch`` from random weights of ``size``. These are the reward model's scaling knobs (depth:
+            ``extra_layers``; width and depth: ``scratch`` with a ``size``).
+        extra_layers: new decoder layers put on the policy (``init: policy``); for ``likelihood`` they start as the
+            identity, so training starts from the policy's own predictions.
         size: the model's size with ``init: scratch``.
         epochs: passes over the graded samples (``outcome``).
         lr: peak learning rate (AdamW; linear warm-up, then cosine).
@@ -172,6 +175,8 @@ class RewardTraining:
             raise ConfigurationError("reward.pretrain_steps must be >= 0")
         if self.init not in ("policy", "scratch"):
             raise ConfigurationError(f"reward.init must be 'policy' or 'scratch' (got {self.init!r})")
+        if self.extra_layers < 0:
+            raise ConfigurationError(f"reward.extra_layers must be >= 0 (got {self.extra_layers})")
         if self.samples_per_problem < 1 or self.epochs < 1 or self.problems_per_batch < 1:
             raise ConfigurationError("reward.samples_per_problem, epochs and problems_per_batch must be >= 1")
         if self.loss not in ("pairwise", "pointwise", "both"):

@@ -29,8 +29,6 @@ from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from nabla import jsonio
 from nabla.errors import DataError
 from nabla.sampler import SamplingConfig
@@ -203,13 +201,15 @@ def _problems(world: World) -> dict[str, Problem]:
 
 
 def _train_likelihood(world, settings, policy, policy_record, train_samples, val_samples, progress):
-    from transformers import LlamaForCausalLM
-
     from nabla.prm import LikelihoodProcessReward
+    from nabla.worlds.arithmetic.models import deepened_policy, new_policy
     from nabla.worlds.arithmetic.pipeline import _trainer
     from nabla.worlds.arithmetic.training import MaskedRowsDataModule, OptimSettings, PolicyModule
 
-    model = LlamaForCausalLM.from_pretrained(str(world.policy_dir), dtype=torch.float32)
+    if settings.init == "policy":  # the policy itself, or deeper with identity layers on top
+        model = deepened_policy(world.policy_dir, settings.extra_layers, world.seed + 1)
+    else:  # a causal LM of ``size`` that learns the task from the reward data alone
+        model = new_policy(policy.tokenizer, settings.size, world.seed + 1)
     model.config.process_reward = "likelihood"
     model.config.step_separator, model.config.step_aggregation = STEP_SEPARATOR, settings.aggregation
     formatter = LikelihoodProcessReward(model, policy.tokenizer)
