@@ -154,6 +154,62 @@ class Counter:
             self._lines.stop()
 
 
+def lightning_progress(progress: bool | None, label: str) -> tuple[bool, list[Any]]:
+    """``(enable_progress_bar, callbacks)`` for a ``lightning.Trainer`` that shows progress as the rest of nabla
+    does: Lightning's rich bar on a terminal; elsewhere a plain line on stderr every :data:`LINE_INTERVAL_S`
+    seconds (step, epoch, the last logged training loss), where Lightning's own bar would print nothing readable;
+    nothing when off."""
+    shown = mode(progress)
+    if shown == "bar":
+        from lightning.pytorch.callbacks import RichProgressBar
+
+        return True, [RichProgressBar()]
+    if shown == "lines":
+        return False, [_training_lines(label)]
+    return False, []
+
+
+def _training_lines(label: str) -> Any:
+    import lightning as L
+
+    class TrainingLines(L.Callback):
+        """Plain progress lines of a Lightning fit (see :func:`lightning_progress`)."""
+
+        def __init__(self) -> None:
+            self.trainer: Any = None
+            self.lines: Lines | None = None
+            self.started = 0.0
+
+        def status(self) -> str:
+            trainer = self.trainer
+            total = trainer.estimated_stepping_batches
+            parts = [f"{label}: step {trainer.global_step}/{total if total != float('inf') else '?'}"]
+            if trainer.max_epochs and trainer.max_epochs > 0:
+                parts.append(f"epoch {min(trainer.current_epoch + 1, trainer.max_epochs)}/{trainer.max_epochs}")
+            loss = next((v for k, v in trainer.callback_metrics.items() if "loss" in k and "val" not in k), None)
+            if loss is not None:
+                parts.append(f"loss {float(loss):.4f}")
+            parts.append(elapsed_since(self.started))
+            return " · ".join(parts)
+
+        def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+            self.trainer, self.started = trainer, time.monotonic()
+            self.lines = Lines(self.status).start()
+
+        def _stop(self, ending: str) -> None:
+            if self.lines is not None:
+                self.lines.stop(f"{self.status()} · {ending}")
+                self.lines = None
+
+        def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+            self._stop("done")
+
+        def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+            self._stop("stopped")
+
+    return TrainingLines()
+
+
 @contextlib.contextmanager
 def activity(message: str, progress: bool | None = True) -> Iterator[None]:
     """A transient spinner with ``message`` on a terminal, the message as one line elsewhere, or nothing."""

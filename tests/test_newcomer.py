@@ -321,6 +321,44 @@ def test_a_counter_without_a_terminal_prints_a_few_lines_not_one_per_item(capsys
     assert capsys.readouterr().err == ""
 
 
+def test_lightning_training_without_a_terminal_reports_in_plain_lines(tmp_path, capsys):
+    import lightning as L
+    import torch
+
+    from nabla.progress import lightning_progress
+
+    class Regression(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = torch.nn.Linear(2, 1)
+
+        def training_step(self, batch, batch_idx):
+            loss = self.layer(batch).pow(2).mean()
+            self.log("train/loss", loss)
+            return loss
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    show_bar, callbacks = lightning_progress(True, "training the toy")
+    assert show_bar is False and len(callbacks) == 1  # no terminal here: plain lines, not Lightning's bar
+    data = torch.utils.data.DataLoader(torch.ones(6, 2), batch_size=2)
+    trainer = L.Trainer(
+        max_epochs=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=show_bar,
+        callbacks=callbacks,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(Regression(), data)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("training the toy")]
+    assert lines[0].startswith("training the toy: step 0/6 · epoch 1/2")
+    assert lines[-1].startswith("training the toy: step 6/6 · epoch 2/2 · loss") and lines[-1].endswith("done")
+    assert lightning_progress(False, "x") == (False, [])
+
+
 # ---------------------------------------------------------------------------------------------- 4. help
 #: run in a fresh interpreter: every fast command's --help, then which heavy modules got imported, and by whom
 HELP_PROBE = """

@@ -24,6 +24,7 @@ from torch import Tensor
 
 from nabla import jsonio
 from nabla.errors import DataError
+from nabla.progress import lightning_progress
 from nabla.rewardtrain.corruption import with_corruptions
 from nabla.rewardtrain.data import Example, RewardDataModule, build_groups, read_graded
 from nabla.rewardtrain.settings import ADAPTER_FOLDER, LoraSettings, TrainSettings
@@ -286,6 +287,7 @@ def fit_reward_model(
     if first_layer:
         cache_lower_layers(classifier, train_groups + val_groups, first_layer, pad_id, progress)
     module = RewardModule(classifier, lora, training, positives, first_layer)
+    show_bar, callbacks = lightning_progress(progress, "training the reward model")
     trainer = L.Trainer(
         accelerator="cpu",
         devices=1,
@@ -295,7 +297,8 @@ def fit_reward_model(
         gradient_clip_val=training.gradient_clip,
         logger=CSVLogger(folder, name="logs"),
         enable_checkpointing=False,
-        enable_progress_bar=progress,
+        enable_progress_bar=show_bar,
+        callbacks=callbacks,
         enable_model_summary=False,
         num_sanity_val_steps=0,
         log_every_n_steps=5,

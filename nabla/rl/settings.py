@@ -115,8 +115,10 @@ class RLTrainerSettings:
 
     def build(self, callbacks: Sequence[L.Callback] = ()) -> L.Trainer:
         import lightning as L
-        from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+        from lightning.pytorch.callbacks import ModelCheckpoint
         from lightning.pytorch.loggers import CSVLogger
+
+        from nabla.progress import lightning_progress
 
         if self.max_steps < 1:
             raise ConfigurationError(f"max_steps must be >= 1 (got {self.max_steps})")
@@ -132,8 +134,8 @@ class RLTrainerSettings:
                     save_last=True,
                 )
             )
-        if self.progress:
-            callbacks.append(RichProgressBar())
+        show_bar, shown = lightning_progress(self.progress, "RL")
+        callbacks += shown
         return L.Trainer(
             max_steps=self.max_steps,
             accelerator=self.accelerator,
@@ -143,7 +145,7 @@ class RLTrainerSettings:
             logger=CSVLogger(self.default_root_dir, name="logs"),
             log_every_n_steps=self.log_every_n_steps,
             enable_checkpointing=bool(self.checkpoint_every_n_steps),
-            enable_progress_bar=self.progress,
+            enable_progress_bar=show_bar,
             enable_model_summary=False,
             callbacks=callbacks,
             num_sanity_val_steps=0,

@@ -372,12 +372,13 @@ def _invalidate(*paths: Path) -> None:
 
 def _trainer(max_steps: int, max_epochs: int | None, val_every: int | None, folder: Path, progress: bool):
     import lightning as L
-    from lightning.pytorch.callbacks import RichProgressBar
     from lightning.pytorch.loggers import CSVLogger
 
+    from nabla.progress import lightning_progress
     from nabla.rl.train import quiet_lightning
 
     quiet_lightning()  # Lightning's notices that do not apply here
+    show_bar, callbacks = lightning_progress(progress, f"training {folder.name.removesuffix('_logs')}")
 
     return L.Trainer(
         accelerator="cpu",
@@ -390,8 +391,8 @@ def _trainer(max_steps: int, max_epochs: int | None, val_every: int | None, fold
         deterministic=True,
         logger=CSVLogger(folder, name="logs"),
         enable_checkpointing=False,
-        enable_progress_bar=progress,
-        callbacks=[RichProgressBar()] if progress else None,
+        enable_progress_bar=show_bar,
+        callbacks=callbacks,
         enable_model_summary=False,
         num_sanity_val_steps=0,
         log_every_n_steps=10,
