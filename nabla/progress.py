@@ -177,12 +177,12 @@ def _training_lines(label: str) -> Any:
 
         def __init__(self) -> None:
             self.trainer: Any = None
+            self.total: float = float("inf")
             self.lines: Lines | None = None
             self.started = 0.0
 
         def status(self) -> str:
-            trainer = self.trainer
-            total = trainer.estimated_stepping_batches
+            trainer, total = self.trainer, self.total
             parts = [f"{label}: step {trainer.global_step}/{total if total != float('inf') else '?'}"]
             if trainer.max_epochs and trainer.max_epochs > 0:
                 parts.append(f"epoch {min(trainer.current_epoch + 1, trainer.max_epochs)}/{trainer.max_epochs}")
@@ -194,6 +194,7 @@ def _training_lines(label: str) -> Any:
 
         def on_train_start(self, trainer: Any, pl_module: Any) -> None:
             self.trainer, self.started = trainer, time.monotonic()
+            self.total = trainer.estimated_stepping_batches  # once: it may read the dataloader
             self.lines = Lines(self.status).start()
 
         def _stop(self, ending: str) -> None:
