@@ -321,11 +321,14 @@ def test_a_counter_without_a_terminal_prints_a_few_lines_not_one_per_item(capsys
     assert capsys.readouterr().err == ""
 
 
-def test_lightning_training_without_a_terminal_reports_in_plain_lines(tmp_path, capsys):
+def test_lightning_training_without_a_terminal_reports_in_plain_lines(tmp_path, capsys, caplog):
     import lightning as L
     import torch
 
     from nabla.progress import lightning_progress
+    from nabla.rl.train import quiet_lightning
+
+    quiet_lightning()
 
     class Regression(L.LightningModule):
         def __init__(self) -> None:
@@ -357,6 +360,7 @@ def test_lightning_training_without_a_terminal_reports_in_plain_lines(tmp_path, 
     assert lines[0].startswith("training the toy: step 0/6 · epoch 1/2")
     assert lines[-1].startswith("training the toy: step 6/6 · epoch 2/2 · loss") and lines[-1].endswith("done")
     assert lightning_progress(False, "x") == (False, [])
+    assert "litlogger" not in caplog.text and "GPU available" in caplog.text  # the advert dropped, notices kept
 
 
 # ---------------------------------------------------------------------------------------------- 4. help

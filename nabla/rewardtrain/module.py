@@ -287,6 +287,9 @@ def fit_reward_model(
     if first_layer:
         cache_lower_layers(classifier, train_groups + val_groups, first_layer, pad_id, progress)
     module = RewardModule(classifier, lora, training, positives, first_layer)
+    from nabla.rl.train import quiet_lightning
+
+    quiet_lightning()
     show_bar, callbacks = lightning_progress(progress, "training the reward model")
     trainer = L.Trainer(
         accelerator="cpu",

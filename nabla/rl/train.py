@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import logging
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -47,6 +48,16 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _NoAdvertisements) for f in rank_zero.filters):
+        rank_zero.addFilter(_NoAdvertisements())
+
+
+class _NoAdvertisements(logging.Filter):
+    """Drops Lightning's "Tip: try installing ..." line (an advertisement for a hosted service, not a notice)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in record.getMessage()
 
 
 def train_rl(
