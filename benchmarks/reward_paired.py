@@ -1,0 +1,75 @@
+"""Two reward models of the arithmetic world, paired: best-of-N with each on the same held-out test samples.
+
+    python benchmarks/reward_paired.py --worlds runs/arithmetic runs/arithmetic_deeper
+
+Both worlds must hold the same policy samples of the test split (the same policy and seed: ``judge_samples.jsonl``,
+written by the reward stage). Each reward model is loaded from ``<world>/reward`` and scores every sample with its
+own step aggregation, as decoding does; best-of-N takes the highest score per problem (ties: the first sample).
+Prints each one's best-of-N accuracy and the paired difference (second minus first) with its bootstrap 95% CI and
+the exact McNemar p-value, from :func:`nabla.eval.paired.paired_comparison`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+
+def best_of_n_picks(world: Path, samples: list[dict], policy) -> dict[str, bool]:
+    """Per problem, whether the highest-scored sample of ``world``'s reward model is right."""
+    from nabla.prm import StepReward, aggregate_step_logits
+    from nabla.reward import RewardModel
+
+    reward = RewardModel.from_pretrained(str(world / "reward"))
+    reward.bind(policy)
+    reward.batch_size = 256
+    inputs = ([s["prompt"] for s in samples], [s["response"] for s in samples], [s["token_ids"] for s in samples])
+    if isinstance(reward, StepReward):
+        scores = [float(aggregate_step_logits(steps, reward.aggregation)) for steps in reward.step_scores(*inputs)]
+    else:
+        scores = [float(score) for score in reward.score(*inputs)]
+    best: dict[str, tuple[float, bool]] = {}
+    for sample, score in zip(samples, scores):
+        problem = sample["problem_id"]
+        if problem not in best or score > best[problem][0]:
+            best[problem] = (score, bool(sample["correct"]))
+    return {problem: correct for problem, (_, correct) in best.items()}
+
+
+def test_samples(world: Path) -> list[dict]:
+    lines = (world / "judge_samples.jsonl").read_text().splitlines()
+    return [record for record in map(json.loads, lines) if record["split"] == "test"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--worlds", nargs=2, type=Path, required=True, metavar=("FIRST", "SECOND"))
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    from nabla.eval.paired import paired_comparison
+    from nabla.policy import Policy
+
+    first, second = args.worlds
+    samples = test_samples(first)
+    if [(s["problem_id"], s["token_ids"]) for s in samples] != [
+        (s["problem_id"], s["token_ids"]) for s in test_samples(second)
+    ]:
+        raise SystemExit("the two worlds hold different test samples: train both reward models on the same policy")
+    policy = Policy.from_pretrained(str(first / "policy"))
+    picks = {world: best_of_n_picks(world, samples, policy) for world in (first, second)}
+    for world, chosen in picks.items():
+        print(f"{world}: best-of-N {100 * sum(chosen.values()) / len(chosen):.2f}% on {len(chosen)} problems")
+    result = paired_comparison(picks[second], picks[first], (str(second), str(first)))
+    low, high = result.difference_ci95
+    print(f"difference_points: {100 * result.difference:+.2f}")
+    print(f"difference_ci95: [{100 * low:+.2f}, {100 * high:+.2f}]")
+    print(f"only_second_right: {result.only_a}")
+    print(f"only_first_right: {result.only_b}")
+    print(f"mcnemar_p: {result.mcnemar_p:.2g}")
+
+
+if __name__ == "__main__":
+    main()
