@@ -4,7 +4,8 @@
 
 Both worlds must hold the same policy samples of the test split (the same policy and seed: ``judge_samples.jsonl``,
 written by the reward stage). Each reward model is loaded from ``<world>/reward`` and scores every sample with its
-own step aggregation, as decoding does; best-of-N takes the highest score per problem (ties: the first sample).
+own step aggregation, as decoding does; best-of-N takes the highest score per problem as the library's
+best-of-N does (``nabla.baselines.best_index``: ties go to the first sample).
 Prints each one's best-of-N accuracy and the paired difference (second minus first) with its bootstrap 95% CI and
 the exact McNemar p-value, from :func:`nabla.eval.paired.paired_comparison`.
 """
@@ -20,6 +21,7 @@ import torch
 
 def best_of_n_picks(world: Path, samples: list[dict], policy) -> dict[str, bool]:
     """Per problem, whether the highest-scored sample of ``world``'s reward model is right."""
+    from nabla.baselines import best_index
     from nabla.prm import StepReward, aggregate_step_logits
     from nabla.reward import RewardModel
 
@@ -31,12 +33,12 @@ def best_of_n_picks(world: Path, samples: list[dict], policy) -> dict[str, bool]
         scores = [float(aggregate_step_logits(steps, reward.aggregation)) for steps in reward.step_scores(*inputs)]
     else:
         scores = [float(score) for score in reward.score(*inputs)]
-    best: dict[str, tuple[float, bool]] = {}
+    by_problem: dict[str, tuple[list[float], list[bool]]] = {}
     for sample, score in zip(samples, scores):
-        problem = sample["problem_id"]
-        if problem not in best or score > best[problem][0]:
-            best[problem] = (score, bool(sample["correct"]))
-    return {problem: correct for problem, (_, correct) in best.items()}
+        problem_scores, labels = by_problem.setdefault(sample["problem_id"], ([], []))
+        problem_scores.append(score)
+        labels.append(bool(sample["correct"]))
+    return {problem: labels[best_index(values)] for problem, (values, labels) in by_problem.items()}
 
 
 def test_samples(world: Path) -> list[dict]:

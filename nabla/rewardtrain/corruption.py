@@ -187,11 +187,11 @@ def with_corruptions(
             out.append(record)
             continue
         extra = []
+        question = record.get("question", record["prompt"])
         for index, response in enumerate(record["responses"]):
             if not response["correct"]:
                 continue
             rng_seed = zlib.crc32(f"{seed}/corrupt/{record['id']}/{index}".encode())
-            question = record.get("question", record["prompt"])
             for corruption in corruptions_of(
                 response["text"], question, record["answer"], per_response, rng_seed, kinds
             ):

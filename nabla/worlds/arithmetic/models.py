@@ -88,23 +88,7 @@ def reward_from_policy(
     ``LlamaForTokenClassification``, a process reward model's head); ``config_extra`` goes into its config
     (e.g. a PRM's ``step_separator``).
     """
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    source = LlamaForCausalLM.from_pretrained(str(policy_dir), dtype=torch.float32)
-    config = LlamaConfig.from_dict(source.config.to_dict())
-    config.num_hidden_layers += extra_layers
-    config.num_labels = 1
-    for key, value in config_extra.items():
-        setattr(config, key, value)
-    model_class = reward_class(head)
-    config.architectures = [model_class.__name__]
-    model = model_class(config)
-    missing, unexpected = model.model.load_state_dict(source.model.state_dict(), strict=False)
-    new = {f"layers.{i}." for i in range(source.config.num_hidden_layers, config.num_hidden_layers)}
-    if unexpected or any(not any(key.startswith(prefix) for prefix in new) for key in missing):
-        raise RuntimeError(f"policy body does not fit the reward model: missing {missing}, unexpected {unexpected}")
+    model, _ = _on_policy_body(policy_dir, seed, extra_layers, reward_class(head), num_labels=1, **config_extra)
     return model
 
 
@@ -113,24 +97,43 @@ def deepened_policy(policy_dir: str | Path, extra_layers: int, seed: int) -> Lla
     identity (its attention output and MLP down projections zero, so it adds nothing to the residual stream):
     the deeper model predicts exactly what the policy does until training moves the new layers."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    torch.manual_seed(seed)
-    source = LlamaForCausalLM.from_pretrained(str(policy_dir), dtype=torch.float32)
     if extra_layers == 0:
-        return source
-    config = LlamaConfig.from_dict(source.config.to_dict())
-    config.num_hidden_layers += extra_layers
-    model = LlamaForCausalLM(config)
-    missing, unexpected = model.load_state_dict(source.state_dict(), strict=False)
-    new = tuple(f"model.layers.{i}." for i in range(source.config.num_hidden_layers, config.num_hidden_layers))
-    if unexpected or not all(key.startswith(new) for key in missing):
-        raise RuntimeError(f"policy does not fit the deeper model: missing {missing}, unexpected {unexpected}")
+        torch.manual_seed(seed)
+        return LlamaForCausalLM.from_pretrained(str(policy_dir), dtype=torch.float32)
+    model, source = _on_policy_body(policy_dir, seed, extra_layers, LlamaForCausalLM)
+    model.lm_head.load_state_dict(source.lm_head.state_dict())
     with torch.no_grad():
         for layer in model.model.layers[source.config.num_hidden_layers :]:
             layer.self_attn.o_proj.weight.zero_()
             layer.mlp.down_proj.weight.zero_()
     return model
+
+
+def _on_policy_body(
+    policy_dir: str | Path, seed: int, extra_layers: int, model_class: type, **config_overrides: object
+) -> tuple:
+    """A new ``model_class`` with the trained policy's body (embeddings, decoder layers, final norm) and
+    ``extra_layers`` freshly initialised decoder layers on top (drawn after seeding ``seed``), and the policy."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    source = LlamaForCausalLM.from_pretrained(str(policy_dir), dtype=torch.float32)
+    config = LlamaConfig.from_dict(source.config.to_dict())
+    config.num_hidden_layers += extra_layers
+    for key, value in config_overrides.items():
+        setattr(config, key, value)
+    config.architectures = [model_class.__name__]
+    model = model_class(config)
+    missing, unexpected = model.model.load_state_dict(source.model.state_dict(), strict=False)
+    new = tuple(f"layers.{i}." for i in range(source.config.num_hidden_layers, config.num_hidden_layers))
+    if unexpected or not all(key.startswith(new) for key in missing):
+        raise RuntimeError(
+            f"the policy's body does not fit the {model_class.__name__}: missing {missing}, unexpected {unexpected}"
+        )
+    return model, source
 
 
 def new_reward(
