@@ -125,6 +125,28 @@ def test_non_finite_objective_stops_without_corrupting_the_logits(policy):
     assert torch.equal(result.logits, start)
 
 
+def test_a_cached_value_is_checked_for_finiteness_once(policy, monkeypatch):
+    """Cached DTO steps reuse one value: its (T, V) gradient is scanned once per run, not once per step."""
+    start = torch.randn(1, policy.vocab_size)
+    grad = torch.zeros((2, policy.vocab_size))
+    grad[0, 0] = 1.0  # a gradient that barely moves the argmax: every step after the first is a cache hit
+    value = ObjectiveValue(0.5, None, None, grad)
+    scans = []
+    real_isfinite = torch.isfinite
+
+    def counting_isfinite(tensor):
+        if tensor is grad:
+            scans.append(1)
+        return real_isfinite(tensor)
+
+    monkeypatch.setattr(torch, "isfinite", counting_isfinite)
+    result = LatentOptimizer(steps=6, lr=1e-4).run(lambda tokens: value, start, start.argmax(-1).repeat(2)[:2])
+    assert result.cached_steps == 5 and result.grad_steps == 1 and not result.stopped_on_nonfinite
+    assert len(scans) == 1
+    value.grad[1, 3] = math.inf  # a new value is checked anew
+    assert not ObjectiveValue(0.5, None, None, value.grad).finite
+
+
 def test_bf16_models_keep_the_optimised_variable_in_fp32(policy, reward):
     rollout, objective = _setup(policy, reward)
     result = LatentOptimizer(steps=3).run(
