@@ -114,10 +114,11 @@ class RewardTraining:
         steps: optimiser steps of the process reward models.
         batch_size: rows per batch of the process reward models.
         aggregation: how a PRM turns step scores into one reward (``last``, ``min``, ``prod``, ``mean``).
-        init: ``policy`` starts from the trained policy (``likelihood``: the policy itself; ``classifier`` /
-            ``outcome``: its body with a new score head), with ``extra_layers`` new decoder layers on top;
-            ``scratch`` from random weights of ``size``. These are the reward model's scaling knobs (depth:
-            ``extra_layers``; width and depth: ``scratch`` with a ``size``).
+        init: ``scratch`` (default) starts from random weights of ``size``; ``policy`` from the trained policy
+            (``likelihood``: the policy itself; ``classifier`` / ``outcome``: its body with a new score head), with
+            ``extra_layers`` new decoder layers on top. These are the reward model's scaling knobs (width and
+            depth: ``scratch`` with a ``size``; depth on the policy: ``extra_layers``). For the likelihood PRM,
+            scratch at the policy's size verifies better than the policy itself (docs/arithmetic.md).
         extra_layers: new decoder layers put on the policy (``init: policy``); for ``likelihood`` they start as the
             identity, so training starts from the policy's own predictions.
         size: the model's size with ``init: scratch``.
@@ -146,10 +147,10 @@ class RewardTraining:
 
     kind: Literal["likelihood", "classifier", "outcome"] = "likelihood"
     process: ProcessData = field(default_factory=ProcessData)
-    steps: int = 1500
+    steps: int = 1000
     batch_size: int = 128
     aggregation: Literal["last", "min", "prod", "mean"] = "last"
-    init: Literal["policy", "scratch"] = "policy"
+    init: Literal["policy", "scratch"] = "scratch"
     extra_layers: int = 0
     size: ModelSize = field(default_factory=ModelSize)
     samples_per_problem: int = 4
