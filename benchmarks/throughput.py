@@ -33,6 +33,8 @@ from typing import Any
 
 from common import load_prompts
 
+from nabla.progress import Counter
+
 MODES = ("nabla", "nabla_pool", "best_of_8", "best_of_8_pool", "engines")
 
 
@@ -114,23 +116,37 @@ def run_mode(mode: str, args: argparse.Namespace) -> dict[str, Any]:
     prompts = load_prompts(args.dataset, args.problems, args.template)
     seeds = list(range(len(prompts)))
     started = time.perf_counter()
-    if mode == "nabla":
-        results = [trainer.fit(p, seed=s) for p, s in zip(prompts, seeds)]
-    elif mode == "nabla_pool":
-        done = dict(trainer.fit_pool(prompts, seeds, pool=args.pool))
-        results = [done[i] for i in range(len(prompts))]
-    elif mode == "best_of_8":
-        results = [baselines.best_of_n(p, 8, seed=s) for p, s in zip(prompts, seeds)]
-    elif mode == "best_of_8_pool":
-        done = dict(baselines.run_pool("best_of_n", prompts, 8, seeds, pool=args.pool))
-        results = [done[i] for i in range(len(prompts))]
-    else:
-        raise ValueError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
+    with Counter(f"{mode} (problems done)", len(prompts)) as counter:  # stderr: a bar, or a line every 20 s
+        results = solve(mode, prompts, seeds, trainer, baselines, args.pool, counter)
     elapsed = time.perf_counter() - started
     policy.engine.close()
     records = [{"tokens": r.token_ids, "stats": r.stats} for r in results]
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"mode": mode, "elapsed_s": elapsed, "peak_mb": peak_mb, "records": records}
+
+
+def solve(mode: str, prompts: list[str], seeds: list[int], trainer, baselines, pool: int, counter) -> list:
+    """Every prompt's result under ``mode``, in prompt order; ``counter`` advances as each one finishes."""
+    done: dict[int, Any] = {}
+    if mode in ("nabla", "best_of_8"):
+        for index, (prompt, seed) in enumerate(zip(prompts, seeds)):
+            if mode == "nabla":
+                done[index] = trainer.fit(prompt, seed=seed)
+            else:
+                done[index] = baselines.best_of_n(prompt, 8, seed=seed)
+            counter.advance()
+    elif mode in ("nabla_pool", "best_of_8_pool"):
+        finished = (
+            trainer.fit_pool(prompts, seeds, pool=pool)
+            if mode == "nabla_pool"
+            else baselines.run_pool("best_of_n", prompts, 8, seeds, pool=pool)
+        )
+        for index, result in finished:
+            done[index] = result
+            counter.advance()
+    else:
+        raise ValueError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
+    return [done[i] for i in range(len(prompts))]
 
 
 def memory_bandwidth(device: str, megabytes: int = 512, repeats: int = 5) -> float:
@@ -199,7 +215,7 @@ def engine_costs(args: argparse.Namespace) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------- report
 def spawn(mode: str, argv: list[str], python: str) -> dict[str, Any]:
     command = [python, str(Path(__file__)), *argv, "--child", mode]
-    out = subprocess.run(command, check=True, capture_output=True, text=True)
+    out = subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True)  # its progress goes to stderr
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
