@@ -74,6 +74,17 @@ def select_batch_row(cache: Cache, row: int, start: int, stop: int) -> DynamicCa
     return _cache_from_layers(layers)
 
 
+def clone_cache(cache: Cache) -> DynamicCache:
+    """A copy of ``cache`` that owns its tensors (a view would keep the whole batch it was cut from alive)."""
+    layers = []
+    for layer in cache.layers:
+        copied = copy.copy(layer)
+        if layer.is_initialized:
+            copied.keys, copied.values = layer.keys.clone(), layer.values.clone()
+        layers.append(copied)
+    return _cache_from_layers(layers)
+
+
 def stack_left_padded(caches: list[Cache], lengths: list[int], device: torch.device) -> tuple[DynamicCache, Tensor]:
     """Single-sequence caches of different lengths as one left-padded batch, with its attention mask."""
     width = max(lengths)

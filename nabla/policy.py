@@ -26,6 +26,7 @@ from nabla.errors import (
 )
 from nabla.kv import (
     cache_length,
+    clone_cache,
     forward_after_prefixes,
     prefix_view,
     select_batch_row,
@@ -438,13 +439,14 @@ class Policy:
         mask = torch.cat([mask, torch.ones((batch, 1), dtype=torch.long, device=self.device)], dim=-1)
 
         outputs: list[list[int]] = [[] for _ in range(batch)]
-        step_logits_seen: list[Tensor] = []  # (B, V) per step; row b's logits are its first len(outputs[b]) steps
-        step_hidden_seen: list[Tensor] = []
+        logits_seen: list[list[Tensor]] = [[] for _ in range(batch)]  # row b's (V,) logits, one per its step
+        hidden_seen: list[list[Tensor]] = [[] for _ in range(batch)]
+        row_caches: list[Cache | None] = [None] * batch
         finish = [""] * batch
+        rows = list(range(batch))  # the batch's rows, by their index in ``contexts``; finished ones leave it
         next_input = torch.stack([c[-1:] for c in contexts])
         eos = self.eos_token_ids
         for _ in range(max(budgets)):
-            active = [b for b in range(batch) if not finish[b]]
             out = self.model(
                 input_ids=next_input,
                 attention_mask=mask,
@@ -454,42 +456,71 @@ class Policy:
                 output_hidden_states=record_hidden,
                 logits_to_keep=1,
             )
-            for b in active:
+            for b in rows:
                 _charge(meters[b], "generated_tokens", 1, forward_flops(self.params, 1))
             step_logits = out.logits[:, -1, :].float()
-            # only unfinished rows draw: a row's generator advances exactly as it would alone
-            tokens = sample_tokens(step_logits[active], sampling, [generators[b] for b in active])
-            if record_logits:
-                step_logits_seen.append(step_logits)
-            if record_hidden:
-                step_hidden_seen.append(out.hidden_states[-1][:, -1].float())
-            for b, token in zip(active, tokens.tolist()):
+            # every row in the batch is unfinished and draws: a row's generator advances exactly as it would alone
+            tokens = sample_tokens(step_logits, sampling, [generators[b] for b in rows])
+            for slot, (b, token) in enumerate(zip(rows, tokens.tolist())):
                 outputs[b].append(token)
                 finish[b] = self._finish_reason(outputs[b], token, eos, stop_strings, budgets[b])
+                if record_logits:
+                    logits_seen[b].append(step_logits[slot])
+                if record_hidden:
+                    hidden_seen[b].append(out.hidden_states[-1][slot, -1].float())
             if on_step is not None:
                 on_step([len(output) for output in outputs])
-            if all(finish):
+            if all(finish[b] for b in rows):
+                if keep_cache:
+                    for slot, b in enumerate(rows):
+                        length = len(contexts[b]) + len(outputs[b]) - 1
+                        row_caches[b] = self._row_cache(cache, slot, pads[b], length, len(rows))
                 break
-            finished_rows = torch.tensor([bool(f) for f in finish], device=self.device)
-            next_input = torch.tensor([[o[-1]] for o in outputs], device=self.device)
-            next_input[finished_rows] = self._pad_id()
-            mask = torch.cat([mask, (~finished_rows).long().unsqueeze(-1)], dim=-1)
+            cache, mask, rows = self._drop_finished(
+                cache, mask, rows, finish, keep_cache, row_caches, pads, contexts, outputs
+            )
+            next_input = torch.tensor([[outputs[b][-1]] for b in rows], device=self.device)
+            mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=torch.long, device=self.device)], dim=-1)
 
-        all_logits = torch.stack(step_logits_seen, dim=1) if record_logits else None
-        all_hidden = torch.stack(step_hidden_seen, dim=1) if record_hidden else None
         return [
             Rollout(
                 token_ids=outputs[b],
                 finish_reason=finish[b],
                 context_length=len(contexts[b]),
-                logits=all_logits[b, : len(outputs[b])].clone() if all_logits is not None else None,
-                hidden=all_hidden[b, : len(outputs[b])].clone() if all_hidden is not None else None,
-                cache=self._row_cache(cache, b, pads[b], len(contexts[b]) + len(outputs[b]) - 1, batch)
-                if keep_cache
-                else None,
+                logits=torch.stack(logits_seen[b]) if record_logits else None,
+                hidden=torch.stack(hidden_seen[b]) if record_hidden else None,
+                cache=row_caches[b],
             )
             for b in range(batch)
         ]
+
+    def _drop_finished(
+        self,
+        cache: Cache,
+        mask: Tensor,
+        rows: list[int],
+        finish: list[str],
+        keep_cache: bool,
+        row_caches: list[Cache | None],
+        pads: list[int],
+        contexts: list[Tensor],
+        outputs: list[list[int]],
+    ) -> tuple[Cache, Tensor, list[int]]:
+        """Take the finished rows out of the batch, so that no decoding step computes a row that no longer draws.
+        A finished row's states are copied out first when they are kept (a copy, so the batch's tensors can be
+        freed). The kept rows' states and mask are selected, not recomputed: each row attends exactly as before."""
+        done = [slot for slot, b in enumerate(rows) if finish[b]]
+        if not done:
+            return cache, mask, rows
+        if keep_cache:
+            for slot in done:
+                b = rows[slot]
+                length = len(contexts[b]) + len(outputs[b]) - 1
+                row_caches[b] = clone_cache(select_batch_row(cache, slot, pads[b], pads[b] + length))
+        kept = [slot for slot, b in enumerate(rows) if not finish[b]]
+        index = torch.tensor(kept, device=self.device)
+        cache.batch_select_indices(index)
+        return cache, mask[index], [rows[slot] for slot in kept]
 
     def _generate_with_engine(
         self,

@@ -96,6 +96,42 @@ def test_batched_generation_matches_one_at_a_time(policy):
         assert torch.equal(generator.get_state(), single.get_state())
 
 
+def test_finished_rows_leave_the_batch_and_every_row_keeps_what_it_would_alone(policy):
+    """Rows with budgets 2, 5 and 8: decoding steps run 3, 3, 2, 2, 2, 1, 1, 1 rows (a finished row is no longer
+    computed), and each row's tokens, logits and kept states equal those of the row decoded alone."""
+    endless = Policy(policy.model, policy.tokenizer, eos_token_ids=[])
+    prompts = [policy.encode(PROMPT), policy.encode("what is 7 minus 2 ?"), policy.encode("so")]
+    config = SamplingConfig(temperature=0.8, top_p=0.95)
+    rows_per_step: list[int] = []
+
+    def count(module, args, kwargs):
+        if kwargs["input_ids"].shape[1] == 1:  # a decoding step, not the prefill
+            rows_per_step.append(kwargs["input_ids"].shape[0])
+
+    hook = endless.model.register_forward_pre_hook(count, with_kwargs=True)
+    try:
+        batched = endless.generate(
+            prompts, config, [torch.Generator().manual_seed(s) for s in range(3)], [2, 5, 8],
+            record_logits=True, record_hidden=True, keep_cache=True,
+        )  # fmt: skip
+    finally:
+        hook.remove()
+    assert rows_per_step == [3, 3, 2, 2, 2, 1, 1, 1]
+    for seed, (prompt, budget) in enumerate(zip(prompts, [2, 5, 8])):
+        alone = endless.generate(
+            [prompt], config, [torch.Generator().manual_seed(seed)], budget,
+            record_logits=True, record_hidden=True, keep_cache=True,
+        )[0]  # fmt: skip
+        row = batched[seed]
+        assert row.token_ids == alone.token_ids and len(row) == budget
+        torch.testing.assert_close(row.logits, alone.logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(row.hidden, alone.hidden, rtol=1e-5, atol=1e-5)
+        assert row.cache.get_seq_length() == alone.cache.get_seq_length() == len(prompt) + budget - 1
+        for mine, theirs in zip(row.cache.layers, alone.cache.layers):
+            torch.testing.assert_close(mine.keys, theirs.keys, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(mine.values, theirs.values, rtol=1e-5, atol=1e-5)
+
+
 def test_generation_stops_at_eos_stop_strings_and_length(policy):
     prompt = policy.encode(PROMPT)
     config = SamplingConfig(temperature=1.0)
