@@ -470,15 +470,11 @@ class Policy:
                     hidden_seen[b].append(out.hidden_states[-1][slot, -1].float())
             if on_step is not None:
                 on_step([len(output) for output in outputs])
-            if all(finish[b] for b in rows):
-                if keep_cache:
-                    for slot, b in enumerate(rows):
-                        length = len(contexts[b]) + len(outputs[b]) - 1
-                        row_caches[b] = self._row_cache(cache, slot, pads[b], length, len(rows))
-                break
             cache, mask, rows = self._drop_finished(
                 cache, mask, rows, finish, keep_cache, row_caches, pads, contexts, outputs
             )
+            if not rows:
+                break
             next_input = torch.tensor([[outputs[b][-1]] for b in rows], device=self.device)
             mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=torch.long, device=self.device)], dim=-1)
 
@@ -507,16 +503,21 @@ class Policy:
         outputs: list[list[int]],
     ) -> tuple[Cache, Tensor, list[int]]:
         """Take the finished rows out of the batch, so that no decoding step computes a row that no longer draws.
-        A finished row's states are copied out first when they are kept (a copy, so the batch's tensors can be
-        freed). The kept rows' states and mask are selected, not recomputed: each row attends exactly as before."""
+        A finished row's states are cut out first when they are kept: copied while other rows go on (so the batch's
+        tensors can be freed), views once every row is done. The kept rows' states and mask are selected, not
+        recomputed: each row attends exactly as before."""
         done = [slot for slot, b in enumerate(rows) if finish[b]]
         if not done:
             return cache, mask, rows
+        last = len(done) == len(rows)
         if keep_cache:
             for slot in done:
                 b = rows[slot]
                 length = len(contexts[b]) + len(outputs[b]) - 1
-                row_caches[b] = clone_cache(select_batch_row(cache, slot, pads[b], pads[b] + length))
+                view = self._row_cache(cache, slot, pads[b], length, len(rows))
+                row_caches[b] = view if last else clone_cache(view)
+        if last:
+            return cache, mask, []
         kept = [slot for slot, b in enumerate(rows) if not finish[b]]
         index = torch.tensor(kept, device=self.device)
         cache.batch_select_indices(index)

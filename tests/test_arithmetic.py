@@ -124,7 +124,7 @@ def _tiny_reward_training(**overrides):
     from nabla.worlds.arithmetic.pipeline import ProcessData, RewardTraining
 
     # The tiny world's PRM starts from its policy: from scratch at this size, 300 steps order only ~0.55 of the
-    # validation pairs (the full-size world's default, scratch, is trained 1,500 steps).
+    # validation pairs (the full-size world's default, scratch, is trained 1,000 steps).
     settings = dict(process=ProcessData(problems=1500), steps=300, batch_size=64, lr=1e-2, init="policy")
     return RewardTraining(**{**settings, **overrides})
 

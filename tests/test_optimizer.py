@@ -140,7 +140,7 @@ def test_a_cached_value_is_checked_for_finiteness_once(policy, monkeypatch):
         return real_isfinite(tensor)
 
     monkeypatch.setattr(torch, "isfinite", counting_isfinite)
-    result = LatentOptimizer(steps=6, lr=1e-4).run(lambda tokens: value, start, start.argmax(-1).repeat(2)[:2])
+    result = LatentOptimizer(steps=6, lr=1e-4).run(lambda tokens: value, start, start.argmax(-1).repeat(2))
     assert result.cached_steps == 5 and result.grad_steps == 1 and not result.stopped_on_nonfinite
     assert len(scans) == 1
     value.grad[1, 3] = math.inf  # a new value is checked anew
