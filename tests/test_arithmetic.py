@@ -124,8 +124,10 @@ def _tiny_reward_training(**overrides):
     from nabla.worlds.arithmetic.pipeline import ProcessData, RewardTraining
 
     # The tiny world's PRM starts from its policy: from scratch at this size, 300 steps order only ~0.55 of the
-    # validation pairs (the full-size world's default, scratch, is trained 1,000 steps).
-    settings = dict(process=ProcessData(problems=1500), steps=300, batch_size=64, lr=1e-2, init="policy")
+    # validation pairs (the full-size world's default, scratch, is trained 1,000 steps). 500 steps, not 300: at 300
+    # the validation pairs ordered swing with the CPU's float rounding (0.82 on one machine, 0.65 on another); at
+    # 500 they are 0.89, 0.94, 0.86, 0.89 for world seeds 0-3.
+    settings = dict(process=ProcessData(problems=1500), steps=500, batch_size=64, lr=1e-2, init="policy")
     return RewardTraining(**{**settings, **overrides})
 
 
@@ -157,7 +159,9 @@ def test_trained_models_load_like_downloaded_ones_and_the_policy_is_competent_bu
     assert (reward.step_separator, reward.aggregation) == (";", "last")
     assert reward.tokenizer.get_vocab() == policy.tokenizer.get_vocab()
     metrics = policy_record["metrics"]
-    assert 0.2 <= metrics["dev_greedy_accuracy"] <= 0.95  # learned the task, still makes mistakes
+    # learned the task (a guess is right ~3% of the time), still makes mistakes: 0.25 with world seed 0, 0.15-0.48
+    # over seeds 0-3 (40 dev problems)
+    assert 0.1 <= metrics["dev_greedy_accuracy"] <= 0.95
     assert reward_record["kind"] == "likelihood" and reward_record["metrics"]["train_rows"] > 4000
 
 
@@ -174,7 +178,7 @@ def _samples(world, name: str, split: str):
 
 def test_process_reward_model_orders_right_above_wrong_answers_to_the_same_problem(tiny_world):
     """On held-out problems (never trained on) it orders far more same-problem (right, wrong) pairs right than
-    chance (0.82 of 92 pairs with these seeds); the recorded figures are those the saved samples give again."""
+    chance (0.89 of 93 pairs with these seeds); the recorded figures are those the saved samples give again."""
     from nabla.worlds.arithmetic.verifier import judge
 
     world, _, reward_record, _ = tiny_world
@@ -236,7 +240,7 @@ def test_trained_models_are_reused_and_other_settings_are_refused(tiny_world):
     with pytest.raises(DataError, match="other settings"):
         train_policy(world, _tiny_policy_training(steps=251), progress=False)
     with pytest.raises(DataError, match="other settings"):
-        train_reward(world, _tiny_reward_training(steps=301), policy_record, JUDGE_SAMPLING, progress=False)
+        train_reward(world, _tiny_reward_training(steps=501), policy_record, JUDGE_SAMPLING, progress=False)
 
 
 @pytest.mark.parametrize(("kind", "init"), [("classifier", "policy"), ("outcome", "policy"), ("likelihood", "scratch")])
