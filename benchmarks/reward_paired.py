@@ -1,7 +1,13 @@
-"""Two reward models of the arithmetic world, paired: best-of-N with each on the same held-out test samples.
+"""Two reward models, paired: best-of-N with each on the same held-out samples.
 
     python benchmarks/reward_paired.py --worlds runs/arithmetic runs/arithmetic_deeper
+    python benchmarks/reward_paired.py --work-dirs runs/default_reward runs/default_reward_512
 
+``--work-dirs``: two ``nabla train-reward`` work folders whose evaluate stage scored the same policy samples; their
+``heldout_scores.jsonl`` are read (no model is loaded), paired on the held-out problems both hold, and each one's
+within-problem pairwise accuracy on those problems is printed beside.
+
+``--worlds``:
 Both worlds must hold the same policy samples of the test split (the same policy and seed: ``judge_samples.jsonl``,
 written by the reward stage). Each reward model is loaded from ``<world>/reward`` and scores every sample with its
 own step aggregation, as decoding does; best-of-N takes the highest score per problem as the library's
@@ -46,12 +52,39 @@ def test_samples(world: Path) -> list[dict]:
     return [record for record in map(json.loads, lines) if record["split"] == "test"]
 
 
+def work_dir_picks(folders: list[Path]) -> dict[Path, dict[str, bool]]:
+    """Per shared held-out problem, whether each work folder's reward model picks a right response (best-of-N)."""
+    from nabla.baselines import best_index
+    from nabla.eval.reward_metrics import pairwise_accuracy
+    from nabla.rewardtrain.evaluation import HELDOUT_SCORES_FILE, read_heldout_scores
+
+    rows = {folder: {row["id"]: row for row in read_heldout_scores(folder / HELDOUT_SCORES_FILE)} for folder in folders}
+    shared = sorted(set.intersection(*(set(by_id) for by_id in rows.values())))
+    if not shared:
+        raise SystemExit("the two work folders share no held-out problem")
+    if len({tuple(tuple(rows[f][p]["labels"]) for p in shared) for f in folders}) != 1:
+        raise SystemExit("the two work folders graded different samples: evaluate both on the same policy samples")
+    picks = {}
+    for folder in folders:
+        scores = [rows[folder][p]["scores"]["reward_model"] for p in shared]
+        labels = [rows[folder][p]["labels"] for p in shared]
+        pairwise, pairs = pairwise_accuracy(scores, labels)
+        print(f"{folder}: same-problem pairs ordered {pairwise:.3f} ({pairs} pairs on {len(shared)} problems)")
+        picks[folder] = {p: labels[i][best_index(scores[i])] for i, p in enumerate(shared)}
+    return picks
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--worlds", nargs=2, type=Path, required=True, metavar=("FIRST", "SECOND"))
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--worlds", nargs=2, type=Path, metavar=("FIRST", "SECOND"))
+    which.add_argument("--work-dirs", nargs=2, type=Path, metavar=("FIRST", "SECOND"))
     args = parser.parse_args()
     torch.set_num_threads(1)
-    from nabla.eval.paired import paired_comparison
+    if args.work_dirs:
+        first, second = args.work_dirs
+        report(work_dir_picks([first, second]), first, second)
+        return
     from nabla.policy import Policy
 
     first, second = args.worlds
@@ -62,6 +95,13 @@ def main() -> None:
         raise SystemExit("the two worlds hold different test samples: train both reward models on the same policy")
     policy = Policy.from_pretrained(str(first / "policy"))
     picks = {world: best_of_n_picks(world, samples, policy) for world in (first, second)}
+    report(picks, first, second)
+
+
+def report(picks: dict[Path, dict[str, bool]], first: Path, second: Path) -> None:
+    """Each one's best-of-N accuracy and the paired difference, second minus first (last lines ``key: value``)."""
+    from nabla.eval.paired import paired_comparison
+
     for world, chosen in picks.items():
         print(f"{world}: best-of-N {100 * sum(chosen.values()) / len(chosen):.2f}% on {len(chosen)} problems")
     result = paired_comparison(picks[second], picks[first], (str(second), str(first)))

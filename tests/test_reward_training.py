@@ -14,7 +14,7 @@ from nabla import DataError, SequenceClassifierReward, defaults
 from nabla.config import PolicySpec, RewardSpec
 from nabla.eval.datasets import Problem
 from nabla.rewardtrain.data import collate_groups, grade_record
-from nabla.rewardtrain.evaluation import selection_metrics
+from nabla.rewardtrain.evaluation import HELDOUT_SCORES_FILE, read_heldout_scores, selection_metrics
 from nabla.rewardtrain.module import fit_reward_model, pairwise_loss, warmup_cosine
 from nabla.rewardtrain.pipeline import train_reward
 from nabla.rewardtrain.sampling import (
@@ -241,6 +241,16 @@ def test_the_pipeline_grades_trains_evaluates_and_exports(tmp_path, saved_models
     assert (tmp_path / "shipped" / "adapter_model.safetensors").is_file()
     correct = sum(x["correct"] for r in heldout for x in r["responses"])
     assert outcome["grading"]["heldout"]["correct_responses"] == correct
+    # every held-out score is kept, and gives the recorded metrics again (what reward_paired.py --work-dirs reads)
+    kept = read_heldout_scores(folder / HELDOUT_SCORES_FILE)
+    assert [row["id"] for row in kept] == [r["id"] for r in heldout] and set(kept[0]["scores"]) == {
+        "reward_model",
+        "self_judge",
+    }
+    assert [row["labels"] for row in kept] == [[x["correct"] for x in r["responses"]] for r in heldout]
+    again = selection_metrics([row["scores"]["reward_model"] for row in kept], [row["labels"] for row in kept])
+    assert again["pairwise_accuracy"] == metrics["reward_model"]["pairwise_accuracy"]
+    assert again["auc"] == pytest.approx(metrics["reward_model"]["auc"])
 
 
 def test_lora_layers_limit_the_adapter_to_the_chosen_layers(saved_models):

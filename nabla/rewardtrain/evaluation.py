@@ -4,7 +4,10 @@ accuracy of best-of-N selection by its scores against a random sample, the greed
 
 The adapter is reloaded exactly as it will be used (``SequenceClassifierReward.from_pretrained(backbone,
 adapter=...)``, bound to the policy) and scores each held-out response through :meth:`RewardModel.score` with the
-policy's token ids, so the figures describe the shipped artifact, not the training-time module.
+policy's token ids, so the figures describe the shipped artifact, not the training-time module. Every score is
+kept in ``work_dir/heldout_scores.jsonl`` (one line per held-out problem: its id, labels and each model's scores), so
+two reward models evaluated on the same samples can be compared problem by problem
+(``benchmarks/reward_paired.py --work-dirs A B``) without scoring again.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from typing import Any
 import torch
 from torchmetrics.functional.classification import binary_auroc
 
+from nabla import jsonio
 from nabla.config import PolicySpec
 from nabla.eval.reward_metrics import bootstrap_mean_ci, pairwise_accuracy
 from nabla.progress import Counter
@@ -23,6 +27,9 @@ from nabla.reward import RewardModel
 from nabla.rewardtrain.data import read_graded
 from nabla.rewardtrain.sampling import SampleSettings
 from nabla.rewardtrain.settings import ADAPTER_FOLDER
+
+#: Every held-out response's score, written by the evaluate stage beside ``metrics.json``.
+HELDOUT_SCORES_FILE = "heldout_scores.jsonl"
 
 
 def score_records(
@@ -41,6 +48,34 @@ def score_records(
             scores.append([float(v) for v in values])
             bar.advance()
     return scores
+
+
+def write_heldout_scores(path: Path, records: Sequence[dict[str, Any]], scores: dict[str, list[list[float]]]) -> None:
+    """One line per held-out problem: ``id``, ``source``, ``labels`` (is each response right) and ``scores``
+    (each model's score of each response, in the same order)."""
+    lines = [
+        jsonio.dumps(
+            {
+                "id": record["id"],
+                "source": record["source"],
+                "labels": [bool(r["correct"]) for r in record["responses"]],
+                "scores": {name: values[index] for name, values in scores.items()},
+            }
+        )
+        for index, record in enumerate(records)
+    ]
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+
+
+def read_heldout_scores(path: Path) -> list[dict[str, Any]]:
+    """The lines :func:`write_heldout_scores` wrote."""
+    from nabla.errors import DataError
+
+    if not path.is_file():
+        raise DataError(f"no {path.name} in {path.parent}; run the evaluate stage there (--stages '[evaluate]')")
+    import json
+
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def selection_metrics(
@@ -112,6 +147,7 @@ def evaluate_adapter(
         judge = SelfJudgeReward.from_policy(loaded_policy)
         judge.bind(loaded_policy)
         scores["self_judge"] = score_records(judge, records, "self-judging", progress)
+    write_heldout_scores(folder / HELDOUT_SCORES_FILE, records, scores)
     metrics: dict[str, Any] = {name: selection_metrics(values, labels, greedy) for name, values in scores.items()}
     sources = sorted({record["source"] for record in records})
     metrics["by_source"] = {}
