@@ -25,7 +25,7 @@ from nabla.eval.reward_metrics import bootstrap_mean_ci, pairwise_accuracy
 from nabla.progress import Counter
 from nabla.reward import RewardModel
 from nabla.rewardtrain.data import read_graded
-from nabla.rewardtrain.sampling import SampleSettings
+from nabla.rewardtrain.sampling import SampleSettings, read_jsonl
 from nabla.rewardtrain.settings import ADAPTER_FOLDER
 
 #: Every held-out response's score, written by the evaluate stage beside ``metrics.json``.
@@ -53,29 +53,25 @@ def score_records(
 def write_heldout_scores(path: Path, records: Sequence[dict[str, Any]], scores: dict[str, list[list[float]]]) -> None:
     """One line per held-out problem: ``id``, ``source``, ``labels`` (is each response right) and ``scores``
     (each model's score of each response, in the same order)."""
-    lines = [
-        jsonio.dumps(
-            {
+    with path.open("w", encoding="utf-8") as handle:
+        for index, record in enumerate(records):
+            line = {
                 "id": record["id"],
                 "source": record["source"],
                 "labels": [bool(r["correct"]) for r in record["responses"]],
                 "scores": {name: values[index] for name, values in scores.items()},
             }
-        )
-        for index, record in enumerate(records)
-    ]
-    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+            handle.write(jsonio.dumps(line) + "\n")
 
 
 def read_heldout_scores(path: Path) -> list[dict[str, Any]]:
-    """The lines :func:`write_heldout_scores` wrote."""
+    """The lines :func:`write_heldout_scores` wrote (read as every stage's JSONL is: a cut last line is ignored)."""
     from nabla.errors import DataError
 
-    if not path.is_file():
-        raise DataError(f"no {path.name} in {path.parent}; run the evaluate stage there (--stages '[evaluate]')")
-    import json
-
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = read_jsonl(path)
+    if not rows:
+        raise DataError(f"no held-out scores in {path}; run the evaluate stage there (--stages '[evaluate]')")
+    return rows
 
 
 def selection_metrics(
